@@ -1,0 +1,30 @@
+"""peft-moextend: mixture-of-experts extension methods as first-class PEFT methods.
+
+`import peft_moextend` registers every method with PEFT, so `get_peft_model`, `PeftModel.from_pretrained`,
+`AutoPeftModel*.from_pretrained` and transformers' `load_adapter` work with their configs and adapter folders.
+"""
+
+from .moextend import (
+    ExtensionPlan,
+    MoExtendConfig,
+    MoExtendModel,
+    measure_expert_usage,
+    plan_extension,
+    tune_routers_and_plan,
+)
+from .registration import MoExtendPeftType, register_method
+
+register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExtensionPlan",
+    "MoExtendConfig",
+    "MoExtendModel",
+    "MoExtendPeftType",
+    "measure_expert_usage",
+    "plan_extension",
+    "register_method",
+    "tune_routers_and_plan",
+]

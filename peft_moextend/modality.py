@@ -1,0 +1,60 @@
+"""Per-token modality masks derived from the placeholder tokens of HF multimodal models.
+
+Vision/audio-language models in transformers mark image, video and audio positions in `input_ids` with placeholder
+tokens whose ids live on the model config (`image_token_id` / `image_token_index`, `video_token_id`, ...). Every
+method of this package that treats modalities differently reads its masks from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+MODALITIES: tuple[str, ...] = ("text", "image", "video", "audio")
+"""Modality names; a modality's index in this tuple is its id in `modality_ids` tensors (text = 0)."""
+
+_TOKEN_ID_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "image": ("image_token_id", "image_token_index"),
+    "video": ("video_token_id", "video_token_index"),
+    "audio": ("audio_token_id", "audio_token_index"),
+}
+
+
+def modality_index(name: str) -> int:
+    """Id of modality `name` in `MODALITIES`; a clear error for unknown names."""
+    if name not in MODALITIES:
+        raise ValueError(f"Unknown modality {name!r}; known modalities are {list(MODALITIES)}.")
+    return MODALITIES.index(name)
+
+
+def validate_modalities(names: Iterable[str], option: str) -> tuple[str, ...]:
+    """Check that every entry of a config option names a known modality; returns them as a tuple."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in MODALITIES]
+    if unknown:
+        raise ValueError(f"`{option}` contains unknown modalities {unknown}; choose from {list(MODALITIES)}.")
+    return names
+
+
+def modality_token_ids(config) -> dict[str, int]:
+    """Placeholder token id per non-text modality found on a transformers config (top level, then `text_config`)."""
+    found: dict[str, int] = {}
+    configs = [config, getattr(config, "text_config", None)]
+    for modality, attributes in _TOKEN_ID_ATTRIBUTES.items():
+        for cfg in configs:
+            if cfg is None:
+                continue
+            value = next((getattr(cfg, a) for a in attributes if isinstance(getattr(cfg, a, None), int)), None)
+            if value is not None:
+                found[modality] = value
+                break
+    return found
+
+
+def modality_ids_from_input_ids(input_ids: torch.Tensor, token_ids: dict[str, int]) -> torch.Tensor:
+    """Modality id of every position, `(batch, seq)` long tensor; positions holding no placeholder are text (0)."""
+    ids = torch.zeros_like(input_ids, dtype=torch.long)
+    for modality, token_id in token_ids.items():
+        ids = torch.where(input_ids == token_id, modality_index(modality), ids)
+    return ids

@@ -1,0 +1,139 @@
+"""Registry of supported transformers MoE blocks: how each family routes and how to call its experts.
+
+transformers 5 keeps the experts of a block fused (`experts.gate_up_proj`, `experts.down_proj`), but scoring
+differs per family. A family entry tells the shared MoExtend code what it cannot infer from the tensors. Anything
+not listed here gets a clear error listing what is supported.
+
+Einstein notation: t - tokens, h - hidden, e - experts, k - top-k slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """How one MoE block class routes tokens.
+
+    router_attribute: name of the router submodule on the block.
+    scoring: "softmax" (softmax over experts, top-k, optional renormalisation) or "sigmoid" (top-k on logits,
+        sigmoid of the chosen logits, Llama 4).
+    weights_scale_input: the routing weight multiplies the expert's input instead of its output (Llama 4).
+    shared_expert: "none", "sigmoid_gated" (Qwen2-MoE: `sigmoid(shared_expert_gate(x)) * shared_expert(x)`) or
+        "plain" (Llama 4: `shared_expert(x)`).
+    """
+
+    name: str
+    router_attribute: str
+    scoring: str
+    weights_scale_input: bool = False
+    shared_expert: str = "none"
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_attribute)
+
+    def num_experts(self, block: nn.Module) -> int:
+        return block.experts.gate_up_proj.shape[0]
+
+    def top_k(self, block: nn.Module) -> int:
+        return self.router(block).top_k
+
+    def renormalize(self, block: nn.Module) -> bool:
+        return self.scoring == "softmax" and getattr(self.router(block), "norm_topk_prob", True)
+
+    def route(self, block: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the block's own router (so transformers' router-logit recording still works).
+
+        hidden: `(t, h)`. Returns logits `(t, e)`, top-k weights `(t, k)` and top-k indices `(t, k)`.
+        """
+        output = self.router(block)(hidden)
+        if self.scoring == "sigmoid":
+            scores, logits = output  # scores: (t, e), sigmoid of the top-k logits and 0 elsewhere
+            top_k_index = torch.topk(logits, self.top_k(block), dim=-1).indices
+            return logits, scores.gather(1, top_k_index), top_k_index
+        logits, top_k_weights, top_k_index = output
+        return logits, top_k_weights, top_k_index
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Routing scores `(t, e)` on which top-k is taken."""
+        if self.scoring == "sigmoid":
+            return torch.sigmoid(logits.float())
+        return F.softmax(logits.float(), dim=-1)
+
+    def routed_experts(
+        self, block: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The block's own experts on `(t, h)` tokens with `(t, k)` indices < e and weights; returns `(t, h)`."""
+        if self.weights_scale_input:
+            num_experts = self.num_experts(block)
+            scores = hidden.new_zeros(hidden.shape[0], num_experts).scatter(1, top_k_index, top_k_weights)  # (t, e)
+            routed_in = hidden.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)
+            return block.experts(routed_in).reshape(num_experts, hidden.shape[0], -1).sum(dim=0)
+        return block.experts(hidden, top_k_index, top_k_weights)
+
+    def add_shared_expert(self, block: nn.Module, hidden: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """Add the shared expert's output `(t, h)` in the order the block itself does."""
+        if self.shared_expert == "sigmoid_gated":
+            shared = block.shared_expert(hidden)
+            return routed + F.sigmoid(block.shared_expert_gate(hidden)) * shared
+        if self.shared_expert == "plain":
+            out = block.shared_expert(hidden)
+            out.add_(routed)
+            return out
+        return routed
+
+
+_SOFTMAX = {"router_attribute": "gate", "scoring": "softmax"}
+MOE_FAMILIES: dict[str, MoEFamily] = {
+    "MixtralSparseMoeBlock": MoEFamily("mixtral", **_SOFTMAX),
+    "Qwen2MoeSparseMoeBlock": MoEFamily("qwen2_moe", shared_expert="sigmoid_gated", **_SOFTMAX),
+    "Qwen3MoeSparseMoeBlock": MoEFamily("qwen3_moe", **_SOFTMAX),
+    "OlmoeSparseMoeBlock": MoEFamily("olmoe", **_SOFTMAX),
+    "Qwen3VLMoeTextSparseMoeBlock": MoEFamily("qwen3_vl_moe", **_SOFTMAX),
+    "Llama4TextMoe": MoEFamily(
+        "llama4", router_attribute="router", scoring="sigmoid", weights_scale_input=True, shared_expert="plain"
+    ),
+}
+"""Supported MoE block classes (by class name) and their family."""
+
+
+def experts_are_transposed(experts: nn.Module) -> bool:
+    """Whether fused expert weights are stored `(e, h, 2i)` / `(e, i, h)` instead of `(e, 2i, h)` / `(e, h, i)`.
+
+    Llama 4 uses the transposed layout without declaring it; detect the hidden size in dim 1 of `gate_up_proj`.
+    """
+    return getattr(experts, "is_transposed", experts.gate_up_proj.shape[1] == experts.down_proj.shape[-1])
+
+
+def family_of(module: nn.Module) -> MoEFamily | None:
+    """The family of a supported MoE block, else None."""
+    return MOE_FAMILIES.get(type(module).__name__)
+
+
+def looks_like_moe_block(module: nn.Module) -> bool:
+    """A module that holds routed experts (fused or as a list) next to a router: supported or not."""
+    has_experts = hasattr(module, "experts") and not isinstance(module, nn.ModuleDict)
+    has_router = any(hasattr(module, name) for name in ("gate", "router"))
+    return has_experts and has_router
+
+
+def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All MoE-looking blocks of `model`, outermost first, as (qualified name, module)."""
+    blocks: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if looks_like_moe_block(module) and not any(name.startswith(f"{outer}.") for outer, _ in blocks):
+            blocks.append((name, module))
+    return blocks
+
+
+def supported_blocks_message() -> str:
+    families: dict[str, list[str]] = {}
+    for cls_name, family in MOE_FAMILIES.items():
+        families.setdefault(family.name, []).append(cls_name)
+    return ", ".join(f"{name} ({'/'.join(classes)})" for name, classes in families.items())
+

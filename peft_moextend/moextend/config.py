@@ -1,0 +1,120 @@
+"""Configuration of MoExtend: new experts and router rows in the MoE layers of a pretrained MoE model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from ..modality import validate_modalities
+from ..registration import MoExtendPeftType
+
+EXPERT_INIT_MODES = ("most_used", "zeros")
+
+
+@dataclass
+class MoExtendConfig(PeftConfig):
+    """Configuration of [`MoExtendModel`] (Zhong et al., 2024, "MoExtend: Tuning New Experts for Modality and Task
+    Extension").
+
+    In every chosen MoE layer, `num_new_experts` experts of the same shape as the existing ones are appended, each
+    with a new router row; old experts and old router rows stay frozen. A calibration MLP over the routing
+    probabilities (the paper's per-layer calibration module) corrects the weights of the chosen experts.
+
+    Args:
+        num_new_experts: New experts per extended layer.
+        target_layers: Decoder-layer indices whose MoE block is extended; None extends every MoE layer. Use
+            `peft_moextend.moextend.plan_extension` to choose them by expert-usage shift (the paper's stage 2).
+        expert_init: How new experts (and their router rows) are initialised: "most_used" copies the layer's most
+            used expert (expert 0 until `MoExtendModel.init_new_experts_from_data` measured usage), an int copies that
+            expert in every layer, a dict `{layer_index: expert_index}` picks per layer, "zeros" copies the most used
+            expert's router row and gate/up projection but zeroes the down projection (new experts output zero at
+            start, gradients still flow).
+        calibration: Add the per-layer calibration MLP `Linear(E+k, 16) -> GELU -> Linear(16, E+k)` (last layer
+            zero-initialised, so it starts as the identity on the routing weights).
+        calibration_hidden_size: Hidden width of the calibration MLP (16 in the paper).
+        router_aux_loss_coef: Coefficient of the load-balancing loss over old + new experts added to `outputs.loss`
+            when labels are given (1e-3 in the paper; 0 disables it).
+        restrict_to_modalities: If set (e.g. `["image"]`), new experts are eligible only for tokens of these
+            modalities (from the model's placeholder tokens or an explicit `modality_ids`); all other tokens take the
+            base model's computation, so text-only inputs give exactly the base model's outputs.
+        target_modules: Filled in automatically with the MoE blocks chosen by `target_layers`; do not set it.
+        num_base_experts: Filled in automatically: the number of experts of the base model's MoE layers. Loading the
+            adapter onto a model with another number of experts raises a clear error.
+        hidden_size: Filled in automatically: the base model's hidden size, checked when loading like
+            `num_base_experts`.
+    """
+
+    num_new_experts: int = field(default=1, metadata={"help": "New experts per extended MoE layer."})
+    target_layers: Optional[list[int]] = field(
+        default=None, metadata={"help": "Decoder-layer indices whose MoE block is extended; None = every MoE layer."}
+    )
+    expert_init: Union[str, int, dict[int, int]] = field(
+        default="most_used",
+        metadata={"help": "'most_used', 'zeros', an expert index, or {layer_index: expert_index}."},
+    )
+    calibration: bool = field(default=True, metadata={"help": "Add the per-layer calibration MLP of the paper."})
+    calibration_hidden_size: int = field(default=16, metadata={"help": "Hidden width of the calibration MLP."})
+    router_aux_loss_coef: float = field(
+        default=1e-3, metadata={"help": "Load-balancing loss coefficient over old + new experts (0 disables)."}
+    )
+    restrict_to_modalities: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modalities whose tokens may use the new experts; None = all tokens."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Filled in automatically from `target_layers`; do not set."}
+    )
+    num_base_experts: Optional[int] = field(
+        default=None, metadata={"help": "Filled in automatically: experts per MoE layer of the base model."}
+    )
+    hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "Filled in automatically: hidden size of the base model."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MoExtendPeftType.MOEXTEND
+        if not isinstance(self.num_new_experts, int) or self.num_new_experts < 1:
+            raise ValueError(f"`num_new_experts` must be an integer >= 1, got {self.num_new_experts!r}.")
+        if self.target_layers is not None:
+            if isinstance(self.target_layers, int):
+                self.target_layers = [self.target_layers]
+            if not self.target_layers or not all(isinstance(i, int) and i >= 0 for i in self.target_layers):
+                raise ValueError(
+                    f"`target_layers` must be None or a non-empty list of layer indices >= 0, got {self.target_layers!r}."
+                )
+            self.target_layers = sorted(set(self.target_layers))
+        self.expert_init = self._normalise_expert_init(self.expert_init)
+        if self.calibration_hidden_size < 1:
+            raise ValueError(f"`calibration_hidden_size` must be >= 1, got {self.calibration_hidden_size}.")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+        if self.restrict_to_modalities is not None:
+            modalities = validate_modalities(self.restrict_to_modalities, "restrict_to_modalities")
+            if not modalities:
+                raise ValueError("`restrict_to_modalities` must name at least one modality, or be None.")
+            self.restrict_to_modalities = list(modalities)
+
+    @staticmethod
+    def _normalise_expert_init(value: Union[str, int, dict]) -> Union[str, int, dict[int, int]]:
+        if isinstance(value, bool):
+            raise ValueError(f"`expert_init` must be {EXPERT_INIT_MODES}, an int or a dict, got {value!r}.")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError(f"`expert_init` as an expert index must be >= 0, got {value}.")
+            return value
+        if isinstance(value, str):
+            if value not in EXPERT_INIT_MODES:
+                raise ValueError(
+                    f"`expert_init` must be one of {EXPERT_INIT_MODES}, an expert index or a "
+                    f"{{layer_index: expert_index}} dict, got {value!r}."
+                )
+            return value
+        if isinstance(value, dict):
+            # JSON turns int keys into strings: accept both.
+            try:
+                return {int(layer): int(expert) for layer, expert in value.items()}
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"`expert_init` dict must map layer index -> expert index, got {value!r}.") from error
+        raise ValueError(f"`expert_init` must be {EXPERT_INIT_MODES}, an int or a dict, got {value!r}.")

@@ -1,0 +1,153 @@
+"""MoExtend's extension stage (paper Sec. 3.2): where to add experts and which expert to copy.
+
+The paper briefly tunes only the original routers on new-domain data, measures each MoE layer's expert-usage
+distribution before and after, and extends the layers whose usage changed most (standard deviation of the change
+across experts; half of the layers in the paper). Each new expert is initialised from the layer's most used expert
+after tuning. (The public code takes `argsort(...)[..., :2]`, i.e. the *least* used experts; we use top-k.)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..moe_families import MoEFamily, family_of, find_moe_blocks
+from ..routing import expert_usage
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def supported_moe_blocks(model: nn.Module) -> dict[int, tuple[nn.Module, MoEFamily]]:
+    """`{decoder_layer_index: (block, family)}` for the supported MoE blocks of `model`."""
+    blocks = {}
+    for position, (name, block) in enumerate(find_moe_blocks(model)):
+        family = family_of(block)
+        if family is not None:
+            match = _LAYER_INDEX.search(f".{name}.")
+            blocks[int(match.group(1)) if match else position] = (block, family)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no supported MoE layer to measure expert usage on.")
+    return blocks
+
+
+@torch.no_grad()
+def measure_expert_usage(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_batches: int | None = None
+) -> dict[int, torch.Tensor]:
+    """Fraction of routing slots each expert receives, per MoE layer: `{layer_index: (num_experts,)}`.
+
+    `batches` yields keyword dicts for `model(**batch)` (e.g. a DataLoader over tokenized data); labels are ignored.
+    Padding tokens (attention_mask == 0) are not counted.
+    """
+    blocks = supported_moe_blocks(model)
+    counts = {index: torch.zeros(family.num_experts(block)) for index, (block, family) in blocks.items()}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(index: int, block: nn.Module, family: MoEFamily):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            logits = output[1] if family.scoring == "sigmoid" else output[0]  # (t, e)
+            top_k_index = torch.topk(family.probabilities(logits), family.top_k(block), dim=-1).indices
+            mask = current_mask[0]
+            mask = mask if mask is not None and mask.numel() == top_k_index.shape[0] else None
+            counts[index] += expert_usage(top_k_index, counts[index].numel(), mask).cpu()
+
+        return hook
+
+    handles = [family.router(block).register_forward_hook(make_hook(i, block, family)) for i, (block, family) in
+               blocks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(itertools.islice(batches, max_batches), desc="measuring expert usage", leave=False):
+            batch = {k: v for k, v in batch.items() if k != "labels"}
+            mask = batch.get("attention_mask")
+            current_mask[0] = mask.reshape(-1).bool() if mask is not None else None
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {index: c / c.sum().clamp_min(1) for index, c in counts.items()}
+
+
+@dataclass
+class ExtensionPlan:
+    """Which MoE layers to extend and from which expert.
+
+    layers: chosen decoder-layer indices (ascending), to pass as `MoExtendConfig(target_layers=...)`.
+    source_experts: `{layer_index: expert_index}` most used expert after router tuning, for `expert_init=...`.
+    usage_shift: `{layer_index: std of the usage change}` for every measured layer.
+    """
+
+    layers: list[int]
+    source_experts: dict[int, int]
+    usage_shift: dict[int, float]
+
+
+def plan_extension(
+    usage_before: dict[int, torch.Tensor], usage_after: dict[int, torch.Tensor], fraction: float = 0.5
+) -> ExtensionPlan:
+    """Choose the `ceil(fraction * num_layers)` layers whose expert-usage distribution shifted most."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
+    if usage_before.keys() != usage_after.keys():
+        raise ValueError(
+            f"usage_before and usage_after cover different layers: {sorted(usage_before)} vs {sorted(usage_after)}."
+        )
+    shift = {i: float((usage_after[i] - usage_before[i]).std()) for i in usage_before}
+    num_layers = max(1, math.ceil(fraction * len(shift)))
+    layers = sorted(sorted(shift, key=lambda i: -shift[i])[:num_layers])
+    return ExtensionPlan(layers, {i: int(usage_after[i].argmax()) for i in layers}, shift)
+
+
+def tune_routers_and_plan(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    steps: int = 50,
+    learning_rate: float = 1e-4,
+    fraction: float = 0.5,
+) -> ExtensionPlan:
+    """The paper's stage 2 on a plain (not yet extended) MoE model: tune only the routers for `steps` batches of
+    new-domain data (with labels), compare expert usage on that data before and after, and plan the extension.
+
+    The model is left exactly as it was: router weights and `requires_grad` flags are restored afterwards.
+    """
+    batches = list(itertools.islice(batches, steps))
+    if not batches:
+        raise ValueError("`tune_routers_and_plan` needs at least one batch of new-domain data.")
+    if "labels" not in batches[0]:
+        raise ValueError("Router tuning needs a loss: give batches with `labels`.")
+    usage_before = measure_expert_usage(model, batches)
+    routers = [family.router(block) for block, family in supported_moe_blocks(model).values()]
+    saved_state = [copy.deepcopy(router.state_dict()) for router in routers]
+    saved_grad = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [router.weight for router in routers]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+        model.train()
+        for batch in tqdm(batches, desc="tuning routers", leave=False):
+            optimizer.zero_grad()
+            model(**batch).loss.backward()
+            optimizer.step()
+        usage_after = measure_expert_usage(model, batches)
+    finally:
+        with torch.no_grad():
+            for router, state in zip(routers, saved_state):
+                router.load_state_dict(state)
+        for p, flag in saved_grad.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return plan_extension(usage_before, usage_after, fraction)

@@ -1,0 +1,201 @@
+"""MoExtend tuner layer: wraps a transformers MoE block and adds experts, router rows and calibration.
+
+Einstein notation: b - batch, s - sequence, t - tokens (b*s), h - hidden, i - expert intermediate size,
+e - old experts, n - new experts, k - top-k slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..experts import added_experts_forward
+from ..forward_context import ForwardContext
+from ..modality import modality_index
+from ..moe_families import MoEFamily, experts_are_transposed
+from ..routing import RoutingRecord
+from .config import MoExtendConfig
+from .router import CalibrationMLP, extended_routing
+
+
+class MoExtendLayer(nn.Module, BaseTunerLayer):
+    """An MoE block (`base_layer`, frozen) plus, per adapter, `n` new experts with their router rows.
+
+    Added parameters (all trainable, all prefixed `moextend_`):
+    `moextend_gate_up_proj[adapter]` `(n, 2i, h)` (`(n, h, 2i)` for transposed layouts such as Llama 4),
+    `moextend_down_proj[adapter]` `(n, h, i)` (`(n, i, h)`), `moextend_router[adapter]` `(n, h)` and
+    `moextend_calibration[adapter]` (optional).
+    """
+
+    adapter_layer_names = ("moextend_gate_up_proj", "moextend_down_proj", "moextend_router", "moextend_calibration")
+    other_param_names = ("moextend_modalities", "moextend_aux_loss_coef")
+
+    def __init__(
+        self, base_layer: nn.Module, family: MoEFamily, layer_index: int, context: ForwardContext, **kwargs
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.family = family
+        self.layer_index = layer_index
+        self._context = context
+        self.moextend_gate_up_proj = nn.ParameterDict()
+        self.moextend_down_proj = nn.ParameterDict()
+        self.moextend_router = nn.ParameterDict()
+        self.moextend_calibration = nn.ModuleDict()
+        self.moextend_modalities: dict[str, torch.Tensor | None] = {}
+        self.moextend_aux_loss_coef: dict[str, float] = {}
+        self.routing_record: RoutingRecord | None = None
+        context.routed_layers.add(self)
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """Load-balancing loss coefficient of the adapter that produced `routing_record`."""
+        return self.moextend_aux_loss_coef.get(self.active_adapters[0], 0.0) if self.active_adapters else 0.0
+
+    @property
+    def num_base_experts(self) -> int:
+        return self.family.num_experts(self.base_layer)
+
+    def update_layer(self, adapter_name: str, config: MoExtendConfig, source_expert: int) -> None:
+        """Create adapter `adapter_name`: `config.num_new_experts` copies of expert `source_expert`."""
+        experts = self.base_layer.experts
+        num_new, num_base = config.num_new_experts, self.num_base_experts
+        if not 0 <= source_expert < num_base:
+            raise ValueError(
+                f"`expert_init` asks to copy expert {source_expert} in layer {self.layer_index}, which has "
+                f"{num_base} experts (valid indices 0..{num_base - 1})."
+            )
+        with torch.no_grad():
+            gate_up = experts.gate_up_proj[source_expert].detach().float().clone()
+            down = experts.down_proj[source_expert].detach().float().clone()
+            if config.expert_init == "zeros":
+                down.zero_()
+            router_row = self.family.router(self.base_layer).weight[source_expert].detach().float().clone()
+        self.moextend_gate_up_proj[adapter_name] = nn.Parameter(gate_up.unsqueeze(0).repeat(num_new, 1, 1))
+        self.moextend_down_proj[adapter_name] = nn.Parameter(down.unsqueeze(0).repeat(num_new, 1, 1))
+        self.moextend_router[adapter_name] = nn.Parameter(router_row.unsqueeze(0).repeat(num_new, 1))
+        if config.calibration:
+            self.moextend_calibration[adapter_name] = CalibrationMLP(num_base + num_new, config.calibration_hidden_size)
+        self.moextend_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
+        modalities = config.restrict_to_modalities
+        self.moextend_modalities[adapter_name] = (
+            None if modalities is None else torch.tensor([modality_index(m) for m in modalities])
+        )
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def copy_expert_into_new(self, adapter_name: str, source_expert: int, zero_down_proj: bool) -> None:
+        """Re-initialise the new experts and router rows of `adapter_name` from expert `source_expert`."""
+        experts = self.base_layer.experts
+        with torch.no_grad():
+            self.moextend_gate_up_proj[adapter_name].copy_(experts.gate_up_proj[source_expert].unsqueeze(0))
+            down = self.moextend_down_proj[adapter_name]
+            if zero_down_proj:
+                down.zero_()
+            else:
+                down.copy_(experts.down_proj[source_expert].unsqueeze(0))
+            router_weight = self.family.router(self.base_layer).weight
+            self.moextend_router[adapter_name].copy_(router_weight[source_expert].unsqueeze(0))
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        # An MoE block has no `weight`: follow its experts' device; adapters stay float32 as PEFT's autocast does.
+        target = device if device is not None else self.base_layer.experts.gate_up_proj.device
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter_name in container and not any(p.device.type == "meta" for p in container.parameters()):
+                container[adapter_name] = container[adapter_name].to(target)
+
+    def _eligible_tokens(self, adapter_name: str, num_tokens: int) -> torch.Tensor | None:
+        """`(t,)` bool: tokens allowed to use the new experts; None means all tokens."""
+        allowed = self.moextend_modalities.get(adapter_name)
+        if allowed is None:
+            return None
+        modality_ids = self._context.token_modality_ids(num_tokens)
+        if modality_ids is None:
+            raise ValueError(
+                "This MoExtend adapter uses `restrict_to_modalities`, but the modality of the tokens of this call is "
+                "unknown: pass `input_ids` containing the model's placeholder tokens, or an explicit integer "
+                "`modality_ids` tensor of shape (batch, seq) to the PEFT model's forward/generate."
+            )
+        return torch.isin(modality_ids, allowed.to(modality_ids.device))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """hidden_states: `(b, s, h)`; returns what the base block returns (Llama 4: `(out, router_logits)`)."""
+        if self.disable_adapters or self.merged:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.moextend_router]
+        if not active:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        if len(active) > 1:
+            raise ValueError(
+                f"MoExtend routes over one set of new experts at a time, but adapters {active} are active; "
+                "call `model.set_adapter(name)` with a single adapter."
+            )
+        adapter = active[0]
+        input_shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, input_shape[-1])  # (t, h)
+        eligible = self._eligible_tokens(adapter, hidden.shape[0])
+        if eligible is not None and not bool(eligible.any()):
+            self.routing_record = None
+            return self.base_layer(hidden_states, *args, **kwargs)
+
+        block, family = self.base_layer, self.family
+        base_logits, base_weights, base_index = family.route(block, hidden)  # (t, e), (t, k), (t, k)
+        calibration = self.moextend_calibration[adapter] if adapter in self.moextend_calibration else None
+        router_weight = self.moextend_router[adapter]
+        new_logits = F.linear(hidden.to(router_weight.dtype), router_weight)  # (t, n)
+        logits, top_k_index, top_k_weights = extended_routing(
+            family, base_logits, new_logits, base_index.shape[-1], family.renormalize(block), calibration
+        )
+        top_k_weights = top_k_weights.to(base_weights.dtype)
+        if eligible is not None:
+            # Ineligible tokens keep the base router's exact choice and weights.
+            top_k_index = torch.where(eligible[:, None], top_k_index, base_index)
+            top_k_weights = torch.where(eligible[:, None], top_k_weights, base_weights)
+        token_mask = self._context.token_attention_mask(hidden.shape[0])
+        if eligible is not None:
+            token_mask = eligible if token_mask is None else token_mask & eligible
+        self.routing_record = RoutingRecord(logits, top_k_index, token_mask)
+
+        num_base = self.num_base_experts
+        is_base_slot = top_k_index < num_base
+        # Slots routed to new experts reach the base kernel as expert 0 with weight 0: never an index >= e.
+        routed = family.routed_experts(
+            block,
+            hidden,
+            torch.where(is_base_slot, top_k_index, torch.zeros_like(top_k_index)),
+            torch.where(is_base_slot, top_k_weights, torch.zeros_like(top_k_weights)),
+        )
+        experts = block.experts
+        routed = routed + added_experts_forward(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            num_base,
+            self.moextend_gate_up_proj[adapter],
+            self.moextend_down_proj[adapter],
+            getattr(experts, "_apply_gate", None) or _default_gate(experts.act_fn),
+            is_transposed=experts_are_transposed(experts),
+            weights_scale_input=family.weights_scale_input,
+        )
+        out = family.add_shared_expert(block, hidden, routed).reshape(input_shape)
+        if family.weights_scale_input:
+            return out, base_logits
+        return out
+
+    def __repr__(self) -> str:
+        return "moextend." + super().__repr__()
+
+
+def _default_gate(act_fn):
+    """`act(gate) * up` on a `(..., 2i)` projection, for experts classes without `_apply_gate`."""
+
+    def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return act_fn(gate) * up
+
+    return apply_gate

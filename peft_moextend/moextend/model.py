@@ -1,0 +1,188 @@
+"""MoExtend tuner: finds the MoE blocks of a transformers model and wraps the chosen ones in `MoExtendLayer`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..forward_context import ForwardContext
+from ..moe_families import MoEFamily, experts_are_transposed, family_of, find_moe_blocks, supported_blocks_message
+from ..quantization import protect_cpu_4bit_layers
+from .config import MoExtendConfig
+from .extension import measure_expert_usage
+from .layer import MoExtendLayer
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class MoExtendModel(BaseTuner):
+    """Adds new experts to the MoE layers of a pretrained transformers MoE model.
+
+    Use through `peft.get_peft_model(model, MoExtendConfig(...))` after `import peft_moextend`. `forward` and
+    `generate` accept `modality_ids` (`(batch, seq)` ints indexing `peft_moextend.modality.MODALITIES`), which
+    overrides the placeholder-token derivation. The load-balancing loss over old + new experts is returned as
+    `outputs.router_aux_loss` and, times `router_aux_loss_coef`, added to `outputs.loss` when labels are given
+    (see `peft_moextend.forward_context`).
+    """
+
+    prefix: str = "moextend_"
+    tuner_layer_cls = MoExtendLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # -- injection ---------------------------------------------------------------------------------------------
+    def _moe_blocks(self, model: nn.Module) -> dict[str, tuple[int, nn.Module, MoEFamily]]:
+        """Supported MoE blocks by qualified name -> (decoder layer index, block, family); clear errors otherwise."""
+        blocks: dict[str, tuple[int, nn.Module, MoEFamily]] = {}
+        found = [
+            (name, module.base_layer if isinstance(module, MoExtendLayer) else module)
+            for name, module in _outermost_blocks(model)
+        ]
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        if not found:
+            raise ValueError(
+                f"MoExtend adds experts to the MoE layers of a pretrained MoE model, but this {model_type!r} model "
+                f"({type(model).__name__}) has no MoE layer. Supported MoE blocks: {supported_blocks_message()}. "
+                "For a dense model, use another method of this package (e.g. SMoLAConfig) or upcycle it first with "
+                "`peft_moextend.upcycling.upcycle_llama_to_mixtral`."
+            )
+        for position, (name, block) in enumerate(found):
+            family = family_of(block)
+            if family is None:
+                raise ValueError(
+                    f"MoE block {type(block).__name__} (at {name!r}, model type {model_type!r}) is not supported by "
+                    f"MoExtend. Supported MoE blocks: {supported_blocks_message()}."
+                )
+            match = _LAYER_INDEX.search(f".{name}.")
+            blocks[name] = (int(match.group(1)) if match else position, block, family)
+        return blocks
+
+    def _prepare_adapter_config(self, peft_config: MoExtendConfig, model_config: dict) -> MoExtendConfig:
+        return peft_config
+
+    def _prepare_model(self, peft_config: MoExtendConfig, model: nn.Module) -> None:
+        blocks = self._moe_blocks(model)
+        by_layer = {index: name for name, (index, _, _) in blocks.items()}
+        if peft_config.target_layers is not None:
+            missing = [i for i in peft_config.target_layers if i not in by_layer]
+            if missing:
+                raise ValueError(
+                    f"`target_layers` {missing} are not MoE layers of this model; its MoE layers are "
+                    f"{sorted(by_layer)}."
+                )
+            chosen = [by_layer[i] for i in peft_config.target_layers]
+        else:
+            chosen = list(blocks)
+        _, first_block, family = blocks[chosen[0]]
+        num_experts = family.num_experts(first_block)
+        hidden_size = first_block.experts.gate_up_proj.shape[1 if experts_are_transposed(first_block.experts) else -1]
+        for option, expected, actual in (
+            ("num_base_experts", peft_config.num_base_experts, num_experts),
+            ("hidden_size", peft_config.hidden_size, hidden_size),
+        ):
+            if expected is not None and expected != actual:
+                raise ValueError(
+                    f"This MoExtend adapter was created for a base model with {option}={expected}, but this model has "
+                    f"{option}={actual}. Load it onto the base model it was trained on (see "
+                    f"`base_model_name_or_path` in adapter_config.json)."
+                )
+        peft_config.num_base_experts, peft_config.hidden_size = num_experts, hidden_size
+        peft_config.target_modules = "|".join(re.escape(name) for name in chosen)
+        self._blocks = blocks
+        protect_cpu_4bit_layers(model)
+
+    def _pre_injection_hook(self, model: nn.Module, config: MoExtendConfig, adapter_name: str) -> None:
+        self._forward_context = ForwardContext.of(model)
+
+    @staticmethod
+    def _source_expert(config: MoExtendConfig, layer_index: int) -> int:
+        init = config.expert_init
+        if isinstance(init, dict):
+            return init.get(layer_index, 0)
+        return init if isinstance(init, int) else 0
+
+    def _create_and_replace(
+        self,
+        peft_config: MoExtendConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        layer_index, block, family = self._blocks[current_key]
+        source = self._source_expert(peft_config, layer_index)
+        if isinstance(target, MoExtendLayer):
+            target.update_layer(adapter_name, peft_config, source)
+            return
+        new_module = MoExtendLayer(target, family, layer_index, self._forward_context)
+        new_module.update_layer(adapter_name, peft_config, source)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(
+            "MoExtend adapters cannot be merged into the base weights: they add experts and router rows, which the "
+            "base architecture has no room for. Keep the PeftModel (or `save_pretrained` the adapter) instead."
+        )
+
+    def merge_adapter(self, *args, **kwargs) -> None:
+        self._check_merge_allowed()
+
+    def _layers(self) -> list[MoExtendLayer]:
+        return [m for m in self.model.modules() if isinstance(m, MoExtendLayer)]
+
+    # -- expert initialisation from data ---------------------------------------------------------------------
+    @torch.no_grad()
+    def init_new_experts_from_data(
+        self, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None
+    ) -> dict[int, int]:
+        """Re-initialise the new experts of `adapter_name` from each layer's most used expert on `batches`.
+
+        Usage is measured with the adapter disabled (the base model's routing). Call before training. Returns and
+        stores in the config `{layer_index: source_expert}`.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        with self._disabled_adapters():
+            usage = measure_expert_usage(self.model, batches)
+        sources = {index: int(counts.argmax()) for index, counts in usage.items()}
+        for layer in self._layers():
+            if adapter_name in layer.moextend_router and layer.layer_index in sources:
+                zero = config.expert_init == "zeros"
+                layer.copy_expert_into_new(adapter_name, sources[layer.layer_index], zero_down_proj=zero)
+        if config.expert_init != "zeros":
+            config.expert_init = {i: s for i, s in sources.items() if i in {lyr.layer_index for lyr in self._layers()}}
+        return sources
+
+    @contextmanager
+    def _disabled_adapters(self) -> Iterator[None]:
+        self._enable_adapter_layers(False)
+        try:
+            yield
+        finally:
+            self._enable_adapter_layers(True)
+
+
+def _outermost_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """MoE blocks, counting an already wrapped block (MoExtendLayer) once under its own name."""
+    blocks: list[tuple[str, nn.Module]] = []
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, MoExtendLayer)]
+    for name, module in model.named_modules():
+        if name in wrapped:
+            blocks.append((name, module))
+    for name, module in find_moe_blocks(model):
+        owner = name.removesuffix(".base_layer")
+        if owner not in wrapped:
+            blocks.append((name, module))
+    return blocks

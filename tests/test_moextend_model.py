@@ -1,0 +1,290 @@
+"""MoExtend on every supported MoE family: what it adds, what it computes, what trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import snapshot, train_steps
+from peft import get_peft_model
+from tiny_models import EXPERTS_IMPLEMENTATION_FAMILIES, MOE_FAMILIES, VISION_FAMILIES, make_inputs, make_tiny_moe
+
+from peft_moextend import MoExtendConfig
+from peft_moextend.moextend import MoExtendLayer
+
+NUM_EXPERTS = 4
+
+
+def extended(family: str, seed: int = 0, **config) -> torch.nn.Module:
+    model = make_tiny_moe(family, seed=seed)
+    torch.manual_seed(seed)
+    return get_peft_model(model, MoExtendConfig(**config))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_adds_exactly_the_new_parameters_and_only_they_get_gradients(family):
+    model = extended(family, num_new_experts=2)
+    base = model.get_base_model()
+    layers = [m for m in base.modules() if isinstance(m, MoExtendLayer)]
+    assert len(layers) == 2
+    expected = {}
+    for layer in layers:
+        experts = layer.base_layer.experts
+        router = layer.family.router(layer.base_layer)
+        expected[layer.layer_index] = (
+            2 * experts.gate_up_proj[0].numel()
+            + 2 * experts.down_proj[0].numel()
+            + 2 * router.weight.shape[1]
+            + 2 * (NUM_EXPERTS + 2) * 16  # calibration MLP, no biases
+        )
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == sum(expected.values())
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable_names and all(".moextend_" in n for n in trainable_names)
+
+    batch = make_inputs(base, family)
+    model.train()
+    model(**batch).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable_names
+    # the calibration's first layer sits behind a zero-initialised output layer (like LoRA's A): zero at step one
+    nonzero = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert nonzero == {n for n in trainable_names if "hidden_proj" not in n}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_training_changes_only_added_parameters(family):
+    model = extended(family)
+    batch = make_inputs(model.get_base_model(), family)
+    before = snapshot(model)
+    losses = train_steps(model, batch, steps=4)
+    after = snapshot(model)
+    assert losses[-1] < losses[0]
+    for name, value in before.items():
+        if ".moextend_" in name:
+            if "calibration" not in name or "output_proj" in name:
+                assert not torch.equal(value, after[name]), f"{name} did not train"
+        else:
+            assert torch.equal(value, after[name]), f"base parameter {name} changed"
+
+
+def _reference_model_with_duplicated_experts(family: str, num_new: int, source: int):
+    """A plain transformers model with E + num_new experts whose extra experts/router rows copy expert `source`."""
+    base = make_tiny_moe(family)
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    attribute = "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts"
+    setattr(config, attribute, NUM_EXPERTS + num_new)
+    reference = type(base)._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    state = base.state_dict()
+    for key, value in list(state.items()):
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight")):
+            state[key] = torch.cat([value, value[source : source + 1].repeat(num_new, *[1] * (value.dim() - 1))])
+    reference.load_state_dict(state)
+    return base, reference
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("source", [0, 2])
+def test_initial_model_equals_base_with_duplicated_source_expert(family, source):
+    """At init the new experts are clones of the source expert with identical router rows and the calibration is
+    the identity: the model computes exactly what an MoE with E + k experts, the extra ones copies, computes."""
+    base, reference = _reference_model_with_duplicated_experts(family, num_new=2, source=source)
+    batch = make_inputs(base, family)
+    model = get_peft_model(base, MoExtendConfig(num_new_experts=2, expert_init=source))
+    with torch.no_grad():
+        expected = reference(**batch).logits
+        got = model(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # and it is not the base model: the duplicated expert changes the routing weights
+    with torch.no_grad(), model.disable_adapter():
+        assert not torch.allclose(model(**batch).logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", EXPERTS_IMPLEMENTATION_FAMILIES)
+def test_eager_and_grouped_mm_experts_agree(family):
+    """New experts must never reach the base kernel as indices >= E (grouped_mm would compute garbage)."""
+    logits = []
+    for implementation in ("eager", "grouped_mm"):
+        model = make_tiny_moe(family, experts_implementation=implementation)
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, MoExtendConfig(num_new_experts=2))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "moextend_gate_up_proj" in name or "moextend_down_proj" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        batch = make_inputs(model, family)
+        with torch.no_grad():
+            logits.append(peft_model(**batch).logits)
+        routed_new = sum(
+            int((m.routing_record.top_k_index >= NUM_EXPERTS).sum())
+            for m in model.modules()
+            if isinstance(m, MoExtendLayer)
+        )
+        assert routed_new > 0
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_disable_adapter_gives_base_outputs_exactly(family):
+    model = make_tiny_moe(family)
+    batch = make_inputs(model, family)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    peft_model = get_peft_model(model, MoExtendConfig())
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert torch.equal(peft_model(**batch).logits, expected)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_aux_loss_is_added_to_loss_with_its_coefficient(family):
+    batch = make_inputs(make_tiny_moe(family), family)
+    outputs = {}
+    for coef in (0.0, 0.5):
+        model = extended(family, router_aux_loss_coef=coef)
+        outputs[coef] = model(**batch)
+    aux = outputs[0.5].router_aux_loss
+    assert aux > 0 and torch.allclose(outputs[0.0].router_aux_loss, aux)
+    torch.testing.assert_close(outputs[0.5].loss, outputs[0.0].loss + 0.5 * aux)
+    # without labels nothing is added, but the aux loss is still reported
+    unlabeled = {k: v for k, v in batch.items() if k != "labels"}
+    model = extended(family, router_aux_loss_coef=0.5)
+    out = model(**unlabeled)
+    assert out.loss is None and out.router_aux_loss > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_vl_moe", "llama4"])
+def test_models_own_router_logits_path_still_works(family):
+    model = extended(family)
+    batch = make_inputs(model.get_base_model(), family)
+    out = model(**batch, output_router_logits=True)
+    assert torch.isfinite(out.loss)
+    if getattr(out, "router_logits", None) is not None:
+        # the model's own records cover its E base experts
+        assert out.router_logits[0].shape[-1] == NUM_EXPERTS
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_restricted_to_images_text_only_inputs_are_exactly_base(family):
+    model = make_tiny_moe(family)
+    text_batch = make_inputs(model, family, with_image=False)
+    image_batch = make_inputs(model, family, with_image=True)
+    with torch.no_grad():
+        text_expected = model(**text_batch).logits
+        image_base = model(**image_batch).logits
+    peft_model = get_peft_model(model, MoExtendConfig(restrict_to_modalities=["image"]))
+    train_steps(peft_model, image_batch, steps=3)  # calibration and new experts move away from init
+    with torch.no_grad():
+        assert torch.equal(peft_model(**text_batch).logits, text_expected)
+        image_logits = peft_model(**image_batch).logits
+    first_image = int((image_batch["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    # text before the first image token is computed exactly as by the base model; the image changes what follows
+    assert torch.equal(image_logits[:, :first_image], image_base[:, :first_image])
+    assert not torch.allclose(image_logits[:, first_image:], image_base[:, first_image:], atol=1e-4)
+
+
+def test_explicit_modality_ids_override_placeholder_tokens():
+    family = "mixtral"
+    model = make_tiny_moe(family)
+    batch = make_inputs(model, family)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    peft_model = get_peft_model(model, MoExtendConfig(restrict_to_modalities=["image"]))
+    with torch.no_grad():
+        assert torch.equal(peft_model(**batch).logits, expected)  # a text-only model: every token is text
+        image_ids = torch.ones_like(batch["input_ids"])  # but we declare every token an image token
+        assert not torch.allclose(peft_model(**batch, modality_ids=image_ids).logits, expected, atol=1e-4)
+
+
+def test_restricted_adapter_without_modality_information_raises():
+    model = make_tiny_moe("llava_mixtral")
+    batch = make_inputs(model, "llava_mixtral")
+    peft_model = get_peft_model(model, MoExtendConfig(restrict_to_modalities=["image"]))
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with pytest.raises(ValueError, match="modality_ids"):
+        peft_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llava_mixtral"])
+def test_generate_with_kv_cache(family):
+    model = extended(family, restrict_to_modalities=["image"] if family in VISION_FAMILIES else None)
+    batch = make_inputs(model.get_base_model(), family)
+    batch.pop("labels")
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 4
+
+
+def test_only_routed_tokens_reach_new_experts():
+    from peft_moextend.experts import added_experts_forward, grouped_expert_forward
+
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 8)
+    gate_up, down = torch.randn(3, 12, 8), torch.randn(3, 8, 6)
+
+    def gate(x):
+        g, u = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    index = torch.tensor([2, 0, 1, 2, 2, 0, 1])
+    rows = grouped_expert_forward(hidden, index, gate_up, down, gate)
+    naive = torch.stack([gate(hidden[r] @ gate_up[e].T) @ down[e].T for r, e in enumerate(index.tolist())])
+    torch.testing.assert_close(rows, naive)
+
+    top_k_index = torch.tensor([[0, 4], [1, 2], [5, 6], [3, 0], [4, 4], [1, 3], [6, 0]])
+    top_k_weights = torch.rand(7, 2)
+    out = added_experts_forward(hidden, top_k_index, top_k_weights, 4, gate_up, down, gate)
+    assert torch.equal(out[[1, 3, 5]], torch.zeros(3, 8))  # tokens that chose no new expert get exactly zero
+    expected = torch.zeros(7, 8)
+    for t in range(7):
+        for slot in range(2):
+            e = int(top_k_index[t, slot])
+            if e >= 4:
+                expected[t] += top_k_weights[t, slot] * (gate(hidden[t] @ gate_up[e - 4].T) @ down[e - 4].T)
+    torch.testing.assert_close(out, expected)
+
+
+def test_zeros_init_outputs_zero_from_new_experts_and_still_trains():
+    model = extended("mixtral", expert_init="zeros")
+    for name, p in model.named_parameters():
+        if "moextend_down_proj" in name:
+            assert torch.equal(p, torch.zeros_like(p))
+    batch = make_inputs(model.get_base_model(), "mixtral")
+    before = snapshot(model)
+    train_steps(model, batch, steps=2)
+    after = snapshot(model)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "moextend_gate_up_proj" in n)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "moextend_down_proj" in n)
+
+
+def test_target_layers_extend_only_those_layers():
+    model = extended("qwen2_moe", target_layers=[1])
+    layers = [m for m in model.modules() if isinstance(m, MoExtendLayer)]
+    assert [layer.layer_index for layer in layers] == [1]
+    assert model.peft_config["default"].num_base_experts == NUM_EXPERTS
+
+
+def test_merge_is_refused_with_a_clear_error():
+    model = extended("mixtral")
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+
+
+def test_multiple_adapters_add_switch_disable_delete():
+    base = make_tiny_moe("mixtral")
+    batch = make_inputs(base, "mixtral")
+    with torch.no_grad():
+        expected = base(**batch).logits
+    model = get_peft_model(base, MoExtendConfig(num_new_experts=1))
+    model.add_adapter("second", MoExtendConfig(num_new_experts=2, expert_init=3))
+    with torch.no_grad():
+        first = model(**batch).logits
+        model.set_adapter("second")
+        second = model(**batch).logits
+        assert not torch.allclose(first, second)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(".second" in n for n in trainable)
+        with model.disable_adapter():
+            assert torch.equal(model(**batch).logits, expected)
+        model.set_adapter("default")
+        assert torch.equal(model(**batch).logits, first)
+        model.delete_adapter("second")
+        assert not any(".second" in n for n, _ in model.named_parameters())
+        assert torch.equal(model(**batch).logits, first)
