@@ -2,8 +2,8 @@
 
 Sparse upcycling (Komatsuzaki et al., 2023; used by MoE-LLaVA) turns every dense MLP into ``E`` identical experts
 behind a freshly initialised router. Because the experts are identical and Mixtral renormalises the top-k routing
-weights to sum to one, the upcycled model computes exactly the same function as the dense model until training
-makes the experts diverge.
+weights to sum to one, the upcycled model computes the dense model's function (up to float32 rounding, ~1e-4 on the
+logits) until training makes the experts diverge.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
+    LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
@@ -83,7 +84,7 @@ def _build_cache(cache_dir: Path) -> None:
         tokenizer.save_pretrained(tmp_dir)
         os.replace(tmp_dir, cache_dir)
     except OSError:
-        if not _is_cached(cache_dir):  # another process did not win the race: a real failure
+        if not _is_cached(cache_dir):  # a concurrent call may have put its copy in place first; else a real error
             raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -96,7 +97,7 @@ def load_smollm2(
 
     The first call de-quantises the packaged Q4_1 GGUF file (~15-20 s) and stores a float32 ``save_pretrained``
     copy in ``cache_dir`` (default :data:`DEFAULT_SMOLLM2_CACHE_DIR`, ~540 MB); later calls load that copy in
-    ~1-2 s. Only local paths are used, so no Hub access is ever attempted.
+    ~0.5-2 s. Only local paths are used, so no Hub access is ever attempted.
 
     Args:
         cache_dir: folder for the cached copy.
@@ -116,7 +117,7 @@ def load_smollm2(
     return model.eval(), tokenizer
 
 
-def _mixtral_config(dense_config, num_experts: int, num_experts_per_tok: int) -> MixtralConfig:
+def _mixtral_config(dense_config: LlamaConfig, num_experts: int, num_experts_per_tok: int) -> MixtralConfig:
     """Mixtral config with the dense Llama's architecture and ``num_experts`` experts per layer."""
     if dense_config.attention_bias or dense_config.mlp_bias:
         raise ValueError("Mixtral has no attention/MLP biases; cannot upcycle a Llama with attention_bias/mlp_bias.")

@@ -44,6 +44,6 @@ def train_steps(model: nn.Module, batch: dict, steps: int = 3, lr: float = 1e-2)
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses

@@ -17,7 +17,7 @@ from ..modality import modality_index
 from ..moe_families import MoEFamily, experts_are_transposed
 from ..routing import RoutingRecord
 from .config import MoExtendConfig
-from .router import CalibrationMLP, extended_routing
+from .router import extended_routing
 
 
 class MoExtendLayer(nn.Module, BaseTunerLayer):
@@ -25,11 +25,18 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
 
     Added parameters (all trainable, all prefixed `moextend_`):
     `moextend_gate_up_proj[adapter]` `(n, 2i, h)` (`(n, h, 2i)` for transposed layouts such as Llama 4),
-    `moextend_down_proj[adapter]` `(n, h, i)` (`(n, i, h)`), `moextend_router[adapter]` `(n, h)` and
-    `moextend_calibration[adapter]` (optional).
+    `moextend_down_proj[adapter]` `(n, h, i)` (`(n, i, h)`), `moextend_router[adapter]` `(n, h)` and the optional
+    calibration MLP `moextend_calibration_in[adapter]` `(d, e+n)`, `moextend_calibration_out[adapter]` `(e+n, d)`.
+    Every added tensor sits directly in a per-adapter container, so saved keys are `<module>.<container>`.
     """
 
-    adapter_layer_names = ("moextend_gate_up_proj", "moextend_down_proj", "moextend_router", "moextend_calibration")
+    adapter_layer_names = (
+        "moextend_gate_up_proj",
+        "moextend_down_proj",
+        "moextend_router",
+        "moextend_calibration_in",
+        "moextend_calibration_out",
+    )
     other_param_names = ("moextend_modalities", "moextend_aux_loss_coef")
 
     def __init__(
@@ -43,7 +50,8 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         self.moextend_gate_up_proj = nn.ParameterDict()
         self.moextend_down_proj = nn.ParameterDict()
         self.moextend_router = nn.ParameterDict()
-        self.moextend_calibration = nn.ModuleDict()
+        self.moextend_calibration_in = nn.ParameterDict()
+        self.moextend_calibration_out = nn.ParameterDict()
         self.moextend_modalities: dict[str, torch.Tensor | None] = {}
         self.moextend_aux_loss_coef: dict[str, float] = {}
         self.routing_record: RoutingRecord | None = None
@@ -79,7 +87,12 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         self.moextend_down_proj[adapter_name] = nn.Parameter(down.unsqueeze(0).repeat(num_new, 1, 1))
         self.moextend_router[adapter_name] = nn.Parameter(router_row.unsqueeze(0).repeat(num_new, 1))
         if config.calibration:
-            self.moextend_calibration[adapter_name] = CalibrationMLP(num_base + num_new, config.calibration_hidden_size)
+            # nn.Linear's default init for the first layer; zeros for the last (identity correction at start)
+            calibration_in = nn.Linear(num_base + num_new, config.calibration_hidden_size, bias=False).weight.detach()
+            self.moextend_calibration_in[adapter_name] = nn.Parameter(calibration_in)
+            self.moextend_calibration_out[adapter_name] = nn.Parameter(
+                torch.zeros(num_base + num_new, config.calibration_hidden_size)
+            )
         self.moextend_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
         modalities = config.restrict_to_modalities
         self.moextend_modalities[adapter_name] = (
@@ -106,8 +119,10 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         target = device if device is not None else self.base_layer.experts.gate_up_proj.device
         for name in self.adapter_layer_names:
             container = getattr(self, name)
-            if adapter_name in container and not any(p.device.type == "meta" for p in container.parameters()):
-                container[adapter_name] = container[adapter_name].to(target)
+            if adapter_name in container and container[adapter_name].device.type != "meta":
+                container[adapter_name] = nn.Parameter(
+                    container[adapter_name].to(target), requires_grad=container[adapter_name].requires_grad
+                )
 
     def _eligible_tokens(self, adapter_name: str, num_tokens: int) -> torch.Tensor | None:
         """`(t,)` bool: tokens allowed to use the new experts; None means all tokens."""
@@ -145,7 +160,11 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
 
         block, family = self.base_layer, self.family
         base_logits, base_weights, base_index = family.route(block, hidden)  # (t, e), (t, k), (t, k)
-        calibration = self.moextend_calibration[adapter] if adapter in self.moextend_calibration else None
+        calibration = (
+            (self.moextend_calibration_in[adapter], self.moextend_calibration_out[adapter])
+            if adapter in self.moextend_calibration_in
+            else None
+        )
         router_weight = self.moextend_router[adapter]
         new_logits = F.linear(hidden.to(router_weight.dtype), router_weight)  # (t, n)
         logits, top_k_index, top_k_weights = extended_routing(

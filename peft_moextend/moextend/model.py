@@ -48,7 +48,7 @@ class MoExtendModel(BaseTuner):
             raise ValueError(
                 f"MoExtend adds experts to the MoE layers of a pretrained MoE model, but this {model_type!r} model "
                 f"({type(model).__name__}) has no MoE layer. Supported MoE blocks: {supported_blocks_message()}. "
-                "For a dense model, use another method of this package (e.g. SMoLAConfig) or upcycle it first with "
+                "For a dense model, upcycle it into an MoE first with "
                 "`peft_moextend.upcycling.upcycle_llama_to_mixtral`."
             )
         for position, (name, block) in enumerate(found):
