@@ -47,8 +47,9 @@ class ForwardContext:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         explicit = kwargs.pop("modality_ids", None)
-        if explicit is not None and (not isinstance(explicit, torch.Tensor) or explicit.dim() != 2
-                                     or explicit.is_floating_point()):
+        if explicit is not None and (
+            not isinstance(explicit, torch.Tensor) or explicit.dim() != 2 or explicit.is_floating_point()
+        ):
             raise ValueError(
                 f"`modality_ids` must be an integer tensor of shape (batch, seq), got {type(explicit).__name__} "
                 f"{tuple(getattr(explicit, 'shape', ()))}."

@@ -9,6 +9,7 @@ Einstein notation: t - tokens, h - hidden, e - experts, k - top-k slots.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,15 @@ def experts_are_transposed(experts: nn.Module) -> bool:
     return getattr(experts, "is_transposed", experts.gate_up_proj.shape[1] == experts.down_proj.shape[-1])
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def decoder_layer_index(block_name: str, position: int) -> int:
+    """Decoder-layer index of the MoE block at `block_name` (`...layers.<i>...`), else its position among blocks."""
+    match = _LAYER_INDEX.search(f".{block_name}.")
+    return int(match.group(1)) if match else position
+
+
 def family_of(module: nn.Module) -> MoEFamily | None:
     """The family of a supported MoE block, else None."""
     return MOE_FAMILIES.get(type(module).__name__)
@@ -136,4 +146,3 @@ def supported_blocks_message() -> str:
     for cls_name, family in MOE_FAMILIES.items():
         families.setdefault(family.name, []).append(cls_name)
     return ", ".join(f"{name} ({'/'.join(classes)})" for name, classes in families.items())
-

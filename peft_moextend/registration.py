@@ -37,8 +37,10 @@ def register_method(peft_type: MoExtendPeftType, config_cls: type[PeftConfig], t
     )
     for table, value in tables:
         registered = table.get(peft_type)
-        if registered is not None and registered != value and getattr(registered, "__qualname__", None) != getattr(
-            value, "__qualname__", None
+        if (
+            registered is not None
+            and registered != value
+            and getattr(registered, "__qualname__", None) != getattr(value, "__qualname__", None)
         ):
             raise KeyError(f"PEFT type {peft_type.value} is already registered to {registered!r}, not {value!r}")
         table[peft_type] = value

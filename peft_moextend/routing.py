@@ -31,8 +31,8 @@ def load_balancing_loss(record: RoutingRecord) -> torch.Tensor:
     """Switch-Transformer load-balancing loss of one layer: `e * sum_e f_e * P_e`.
 
     f_e is the fraction of routing slots assigned to expert e and P_e the mean router probability of e over the
-    counted tokens (Fedus et al. 2021, eq. 4; the same normalisation as transformers' Mixtral `load_balancing_loss_func`,
-    so a perfectly balanced router scores `top_k`). Returns a scalar; zero when no token counts.
+    counted tokens (Fedus et al. 2021, eq. 4; normalised as transformers' Mixtral `load_balancing_loss_func`, so a
+    perfectly balanced router scores `top_k`). Returns a scalar; zero when no token counts.
     """
     logits, index, mask = record.router_logits, record.top_k_index, record.token_mask
     if mask is not None:

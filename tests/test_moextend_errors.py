@@ -21,7 +21,11 @@ def test_dense_model_is_refused_with_the_supported_families():
 
 def test_unsupported_moe_family_names_block_and_model_type():
     config = GptOssConfig(
-        intermediate_size=32, num_key_value_heads=2, head_dim=8, num_local_experts=4, layer_types=["full_attention"],
+        intermediate_size=32,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        layer_types=["full_attention"],
         **TINY,
     )
     with pytest.raises(ValueError, match=r"GptOssMLP.*'gpt_oss'.*Supported MoE blocks: mixtral"):

@@ -69,9 +69,9 @@ def test_fresh_process_reload_gives_identical_logits(trained_adapter, tmp_path):
         from peft import PeftModel
         from tiny_models import make_tiny_moe
         model = PeftModel.from_pretrained(make_tiny_moe("mixtral"), "{folder}")
-        batch = torch.load("{tmp_path / 'batch.pt'}")
+        batch = torch.load("{tmp_path / "batch.pt"}")
         with torch.no_grad():
-            torch.save(model(**batch).logits, "{tmp_path / 'logits.pt'}")
+            torch.save(model(**batch).logits, "{tmp_path / "logits.pt"}")
         """
     )
     assert torch.equal(torch.load(tmp_path / "logits.pt"), logits)

@@ -48,7 +48,7 @@ def test_adds_exactly_the_new_parameters_and_only_they_get_gradients(family):
     assert with_grad == trainable_names
     # the calibration's first layer sits behind a zero-initialised output layer (like LoRA's A): zero at step one
     nonzero = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert nonzero == {n for n in trainable_names if "hidden_proj" not in n}
+    assert nonzero == {n for n in trainable_names if "calibration_in" not in n}
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -61,7 +61,7 @@ def test_training_changes_only_added_parameters(family):
     assert losses[-1] < losses[0]
     for name, value in before.items():
         if ".moextend_" in name:
-            if "calibration" not in name or "output_proj" in name:
+            if "calibration_in" not in name:  # behind a zero-initialised layer, may not move in 4 steps
                 assert not torch.equal(value, after[name]), f"{name} did not train"
         else:
             assert torch.equal(value, after[name]), f"base parameter {name} changed"

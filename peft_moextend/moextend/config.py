@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -47,10 +46,10 @@ class MoExtendConfig(PeftConfig):
     """
 
     num_new_experts: int = field(default=1, metadata={"help": "New experts per extended MoE layer."})
-    target_layers: Optional[list[int]] = field(
+    target_layers: list[int] | None = field(
         default=None, metadata={"help": "Decoder-layer indices whose MoE block is extended; None = every MoE layer."}
     )
-    expert_init: Union[str, int, dict[int, int]] = field(
+    expert_init: str | int | dict[int, int] = field(
         default="most_used",
         metadata={"help": "'most_used', 'zeros', an expert index, or {layer_index: expert_index}."},
     )
@@ -59,16 +58,16 @@ class MoExtendConfig(PeftConfig):
     router_aux_loss_coef: float = field(
         default=1e-3, metadata={"help": "Load-balancing loss coefficient over old + new experts (0 disables)."}
     )
-    restrict_to_modalities: Optional[list[str]] = field(
+    restrict_to_modalities: list[str] | None = field(
         default=None, metadata={"help": "Modalities whose tokens may use the new experts; None = all tokens."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Filled in automatically from `target_layers`; do not set."}
     )
-    num_base_experts: Optional[int] = field(
+    num_base_experts: int | None = field(
         default=None, metadata={"help": "Filled in automatically: experts per MoE layer of the base model."}
     )
-    hidden_size: Optional[int] = field(
+    hidden_size: int | None = field(
         default=None, metadata={"help": "Filled in automatically: hidden size of the base model."}
     )
 
@@ -82,7 +81,8 @@ class MoExtendConfig(PeftConfig):
                 self.target_layers = [self.target_layers]
             if not self.target_layers or not all(isinstance(i, int) and i >= 0 for i in self.target_layers):
                 raise ValueError(
-                    f"`target_layers` must be None or a non-empty list of layer indices >= 0, got {self.target_layers!r}."
+                    "`target_layers` must be None or a non-empty list of layer indices >= 0, "
+                    f"got {self.target_layers!r}."
                 )
             self.target_layers = sorted(set(self.target_layers))
         self.expert_init = self._normalise_expert_init(self.expert_init)
@@ -97,7 +97,7 @@ class MoExtendConfig(PeftConfig):
             self.restrict_to_modalities = list(modalities)
 
     @staticmethod
-    def _normalise_expert_init(value: Union[str, int, dict]) -> Union[str, int, dict[int, int]]:
+    def _normalise_expert_init(value: str | int | dict) -> str | int | dict[int, int]:
         if isinstance(value, bool):
             raise ValueError(f"`expert_init` must be {EXPERT_INIT_MODES}, an int or a dict, got {value!r}.")
         if isinstance(value, int):

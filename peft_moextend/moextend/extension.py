@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,10 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..moe_families import MoEFamily, family_of, find_moe_blocks
+from ..moe_families import MoEFamily, decoder_layer_index, family_of, find_moe_blocks
 from ..routing import expert_usage
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def supported_moe_blocks(model: nn.Module) -> dict[int, tuple[nn.Module, MoEFamily]]:
@@ -31,8 +28,7 @@ def supported_moe_blocks(model: nn.Module) -> dict[int, tuple[nn.Module, MoEFami
     for position, (name, block) in enumerate(find_moe_blocks(model)):
         family = family_of(block)
         if family is not None:
-            match = _LAYER_INDEX.search(f".{name}.")
-            blocks[int(match.group(1)) if match else position] = (block, family)
+            blocks[decoder_layer_index(name, position)] = (block, family)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no supported MoE layer to measure expert usage on.")
     return blocks
@@ -61,8 +57,9 @@ def measure_expert_usage(
 
         return hook
 
-    handles = [family.router(block).register_forward_hook(make_hook(i, block, family)) for i, (block, family) in
-               blocks.items()]
+    handles = [
+        family.router(block).register_forward_hook(make_hook(i, block, family)) for i, (block, family) in blocks.items()
+    ]
     was_training = model.training
     model.eval()
     try:

@@ -12,13 +12,18 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..forward_context import ForwardContext
-from ..moe_families import MoEFamily, experts_are_transposed, family_of, find_moe_blocks, supported_blocks_message
+from ..moe_families import (
+    MoEFamily,
+    decoder_layer_index,
+    experts_are_transposed,
+    family_of,
+    find_moe_blocks,
+    supported_blocks_message,
+)
 from ..quantization import protect_cpu_4bit_layers
 from .config import MoExtendConfig
 from .extension import measure_expert_usage
 from .layer import MoExtendLayer
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class MoExtendModel(BaseTuner):
@@ -58,8 +63,7 @@ class MoExtendModel(BaseTuner):
                     f"MoE block {type(block).__name__} (at {name!r}, model type {model_type!r}) is not supported by "
                     f"MoExtend. Supported MoE blocks: {supported_blocks_message()}."
                 )
-            match = _LAYER_INDEX.search(f".{name}.")
-            blocks[name] = (int(match.group(1)) if match else position, block, family)
+            blocks[name] = (decoder_layer_index(name, position), block, family)
         return blocks
 
     def _prepare_adapter_config(self, peft_config: MoExtendConfig, model_config: dict) -> MoExtendConfig:
