@@ -151,22 +151,24 @@ class MoExtendModel(BaseTuner):
     def init_new_experts_from_data(
         self, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None
     ) -> dict[int, int]:
-        """Re-initialise the new experts of `adapter_name` from each layer's most used expert on `batches`.
+        """Re-initialise the new experts of `adapter_name` from each extended layer's most used expert on `batches`.
 
-        Usage is measured with the adapter disabled (the base model's routing). Call before training. Returns and
-        stores in the config `{layer_index: source_expert}`.
+        Usage is measured with the adapter disabled (the base model's routing). Call before training. Returns
+        `{layer_index: source_expert}` for the extended layers and stores it as the config's `expert_init` (unless
+        it is "zeros").
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config = self.peft_config[adapter_name]
         with self._disabled_adapters():
             usage = measure_expert_usage(self.model, batches)
-        sources = {index: int(counts.argmax()) for index, counts in usage.items()}
-        for layer in self._layers():
-            if adapter_name in layer.moextend_router and layer.layer_index in sources:
-                zero = config.expert_init == "zeros"
-                layer.copy_expert_into_new(adapter_name, sources[layer.layer_index], zero_down_proj=zero)
+        layers = [layer for layer in self._layers() if adapter_name in layer.moextend_router]
+        sources = {layer.layer_index: int(usage[layer.layer_index].argmax()) for layer in layers}
+        for layer in layers:
+            layer.copy_expert_into_new(
+                adapter_name, sources[layer.layer_index], zero_down_proj=config.expert_init == "zeros"
+            )
         if config.expert_init != "zeros":
-            config.expert_init = {i: s for i, s in sources.items() if i in {lyr.layer_index for lyr in self._layers()}}
+            config.expert_init = dict(sources)
         return sources
 
     @contextmanager

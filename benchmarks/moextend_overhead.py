@@ -1,0 +1,136 @@
+"""Training-step time and peak memory of MoExtend vs the base MoE model, measured in the same run.
+
+Mid-size Mixtral config that fits 2 CPU cores. Each variant runs in its own process so that peak RSS is its own.
+Baselines: the base MoE model's forward alone, and a training step of the base model that trains only its routers
+(the paper's stage 2, the cheapest training that backpropagates through every layer). The extended model trains
+only the added parameters; its new experts run only on the tokens routed to them.
+
+    python benchmarks/moextend_overhead.py [--steps 5] [--hidden 512] [--layers 4] [--seq 256] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+
+def build(args: argparse.Namespace):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=args.experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=args.seq,
+    )
+    model = MixtralForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def run_variant(variant: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+    torch.set_num_threads(args.threads)
+    model = build(args)
+    if variant.startswith("moextend"):
+        from peft import get_peft_model
+
+        import peft_moextend
+
+        model = get_peft_model(model, peft_moextend.MoExtendConfig(num_new_experts=args.new_experts))
+    elif variant == "base_train_routers":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("mlp.gate.weight"))
+    batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq))}
+    batch["labels"] = batch["input_ids"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params and variant != "base_forward" else None
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, routed_fraction = [], None
+    for step in range(args.steps + 1):
+        start = time.perf_counter()
+        if optimizer is None:
+            with torch.no_grad():
+                model(**batch)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            optimizer.step()
+        if step > 0:  # step 0 warms up allocators and kernels
+            times.append(time.perf_counter() - start)
+    if variant.startswith("moextend"):
+        from peft_moextend.moextend import MoExtendLayer
+
+        records = [m.routing_record for m in model.modules() if isinstance(m, MoExtendLayer)]
+        slots = sum(r.top_k_index.numel() for r in records)
+        routed_fraction = sum(int((r.top_k_index >= args.experts).sum()) for r in records) / slots
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    trainable = sum(p.numel() for p in params) if optimizer is not None else 0
+    queue.put(
+        {
+            "variant": variant,
+            "step_s": statistics.median(times),
+            "peak_extra_mib": peak_mib,
+            "trainable": trainable,
+            "new_expert_slot_fraction": routed_fraction,
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--new-experts", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    context = mp.get_context("spawn")
+    results = {}
+    for variant in ("base_forward", "base_train_routers", "moextend"):
+        queue = context.Queue()
+        process = context.Process(target=run_variant, args=(variant, args, queue))
+        process.start()
+        results[variant] = queue.get()
+        process.join()
+
+    baseline = results["base_train_routers"]
+    print(
+        f"Mixtral hidden={args.hidden} layers={args.layers} experts={args.experts}+{args.new_experts} top-2, "
+        f"batch={args.batch} seq={args.seq}, {args.threads} threads, median of {args.steps} steps"
+    )
+    print(f"{'variant':<22}{'step (s)':>10}{'x base':>9}{'peak extra MiB':>16}{'x base':>9}{'trainable':>12}")
+    for name, r in results.items():
+        print(
+            f"{name:<22}{r['step_s']:>10.3f}{r['step_s'] / baseline['step_s']:>9.2f}"
+            f"{r['peak_extra_mib']:>16.0f}{r['peak_extra_mib'] / max(baseline['peak_extra_mib'], 1):>9.2f}"
+            f"{r['trainable']:>12,}"
+        )
+    print(f"share of routing slots that chose a new expert: {results['moextend']['new_expert_slot_fraction']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

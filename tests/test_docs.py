@@ -1,0 +1,27 @@
+"""Every ```python block of docs/*.md that is marked runnable (the "Runnable snippet" sections) runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SNIPPETS = [
+    (path.name, block)
+    for path in sorted(DOCS.glob("*.md"))
+    for section in re.split(r"^## ", path.read_text(), flags=re.M)
+    if section.startswith("Runnable snippet")
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+]
+
+
+def test_every_method_page_has_a_runnable_snippet():
+    pages = {p.name for p in DOCS.glob("*.md")} - {"index.md"}
+    assert pages <= {name for name, _ in SNIPPETS}
+
+
+@pytest.mark.parametrize(("page", "code"), SNIPPETS, ids=[name for name, _ in SNIPPETS])
+def test_snippet_runs(page, code):
+    exec(compile(code, page, "exec"), {})
