@@ -288,3 +288,14 @@ def test_multiple_adapters_add_switch_disable_delete():
         model.delete_adapter("second")
         assert not any(".second" in n for n, _ in model.named_parameters())
         assert torch.equal(model(**batch).logits, first)
+
+
+def test_unload_restores_the_base_blocks():
+    base = make_tiny_moe("qwen2_moe")
+    batch = make_inputs(base, "qwen2_moe")
+    with torch.no_grad():
+        expected = base(**batch).logits
+    unloaded = get_peft_model(base, MoExtendConfig()).unload()
+    assert not any(isinstance(m, MoExtendLayer) for m in unloaded.modules())
+    with torch.no_grad():
+        assert torch.equal(unloaded(**batch).logits, expected)

@@ -39,9 +39,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
     )
     other_param_names = ("moextend_modalities", "moextend_aux_loss_coef")
 
-    def __init__(
-        self, base_layer: nn.Module, family: MoEFamily, layer_index: int, context: ForwardContext, **kwargs
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, family: MoEFamily, layer_index: int, context: ForwardContext) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.family = family

@@ -132,6 +132,8 @@ class MoExtendModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version moves the new module to `child.weight`'s device; an MoE block has no `weight`, and
+        # MoExtendLayer already placed its tensors next to the block's experts.
         setattr(parent, child_name, new_module)
 
     def _check_merge_allowed(self) -> None:
