@@ -76,8 +76,8 @@ def run_variant(variant: str, args: argparse.Namespace, queue: mp.Queue) -> None
         from peft_moextend.moextend import MoExtendLayer
 
         records = [m.routing_record for m in model.modules() if isinstance(m, MoExtendLayer)]
-        slots = sum(r.top_k_index.numel() for r in records)
-        routed_fraction = sum(int((r.top_k_index >= args.experts).sum()) for r in records) / slots
+        slots = sum(int(r.dispatch_mask.sum()) for r in records)
+        routed_fraction = sum(int(r.dispatch_mask[:, args.experts :].sum()) for r in records) / slots
     peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     trainable = sum(p.numel() for p in params) if optimizer is not None else 0
     queue.put(

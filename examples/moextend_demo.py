@@ -98,6 +98,7 @@ def main() -> None:
         return_tensors="pt",
         return_dict=True,
     )
+    probe = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
     with torch.no_grad():
         dense_logits = dense(**probe).logits
     model = upcycle_llama_to_mixtral(dense, num_experts=4, num_experts_per_tok=2)
@@ -127,8 +128,10 @@ def main() -> None:
     )
     print(f"new experts copy each layer's most used expert on the new data: {sources}")
     peft_model.print_trainable_parameters()
+    # A text LM has no image placeholder token: the modality of every token is given explicitly (all text here).
+    text_probe = {**probe, "modality_ids": torch.zeros_like(probe["input_ids"])}
     with torch.no_grad():
-        text_before = peft_model(**probe).logits
+        text_before = peft_model(**text_probe).logits
     before = digit_accuracy(peft_model, test_rows, digit_ids, pad_id)
     print(f"digit accuracy before training: {before:.1%} (chance: 10%)")
 
@@ -165,10 +168,10 @@ def main() -> None:
     print(f"adapter file: {adapter_dir / 'adapter_model.safetensors'} ({size_mb:.1f} MiB)")
     print(f"digit accuracy on {len(test_rows)} held-out images: {before:.1%} -> {after:.1%}")
     with torch.no_grad():
-        text_after = peft_model(**probe).logits
-        answer = peft_model.generate(**probe, max_new_tokens=12, do_sample=False)
+        text_after = peft_model(**text_probe).logits
+        answer = peft_model.generate(**text_probe, max_new_tokens=12, do_sample=False)
         with peft_model.disable_adapter():
-            base_answer = peft_model.generate(**probe, max_new_tokens=12, do_sample=False)
+            base_answer = peft_model.generate(**text_probe, max_new_tokens=12, do_sample=False)
     same = torch.equal(text_before, text_after) and torch.equal(answer, base_answer)
     reply = tokenizer.decode(answer[0, probe["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"text-only prompt 'What is the capital of France?' -> {reply!r}")

@@ -1,30 +1,40 @@
 """What adapter layers need to know about the current forward call, and what they add to its outputs.
 
 Hooks on the wrapped transformers model (not on the PEFT wrapper) make one mechanism serve every entry point:
-`PeftModel` with or without a task type, `generate()` (every decoding step; new tokens are text), the `Trainer`,
-and models that got their adapters through transformers' `load_adapter`.
+`PeftModel` with or without a task type, `generate()` (every decoding step), the `Trainer`, and models that got
+their adapters through transformers' `load_adapter`.
 
-- Before each call: an explicit `modality_ids` keyword (ints `(batch, seq)`, see `modality.MODALITIES`) is popped
-  from the call and overrides the placeholder-token derivation when its shape matches the call's tokens; the
-  attention mask is kept; routed layers forget their previous routing record.
+- Before each call: an explicit `modality_ids` keyword (ints `(batch, seq)` indexing `modality.MODALITIES`) is
+  popped from the call. It gives the modality of every token of a call whose tokens it matches in shape; in later
+  calls of the same `generate()` (the decoding steps, whose tokens it does not match) the new tokens are text.
+  Without it, modalities come from the placeholder tokens in `input_ids`. The attention mask is kept, and routed
+  layers forget their previous routing record.
 - After each call: the routed layers' load-balancing losses are returned as `outputs.router_aux_loss` and, when
   labels were given, added to `outputs.loss` with each adapter's `router_aux_loss_coef`.
+- The model's `forward` signature gains a `modality_ids` keyword so that the `Trainer` keeps a `modality_ids`
+  dataset column instead of silently dropping it (it keeps only columns named in the signature).
 Values stay set until the next call so that gradient-checkpointing recomputation sees them.
 """
 
 from __future__ import annotations
 
-import weakref
+import inspect
+import types
 
 import torch
 from torch import nn
 
-from .modality import modality_ids_from_input_ids, modality_token_ids
+from .modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids
 from .routing import router_aux_loss
 
 
 class ForwardContext:
-    """Per-call inputs shared by all adapter layers of one model; get it with `ForwardContext.of(model)`."""
+    """Per-call inputs shared by all adapter layers of one model; get it with `ForwardContext.of(model)`.
+
+    Layers that route expose `routing_record` / `router_aux_loss_coef` (found by walking the model on each call,
+    which also holds for copies of the model) and declare the non-text modalities they must tell apart in
+    `required_modalities`.
+    """
 
     _ATTRIBUTE = "_peft_moextend_forward_context"
 
@@ -41,36 +51,50 @@ class ForwardContext:
         self.token_ids = modality_token_ids(getattr(model, "config", None))
         self.modality_ids: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
-        self.routed_layers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.required_modalities: set[str] = set()
+        self._routed_layers: list[nn.Module] = []
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, with_kwargs=True)
+        _add_modality_ids_to_forward_signature(model)
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         explicit = kwargs.pop("modality_ids", None)
-        if explicit is not None and (
-            not isinstance(explicit, torch.Tensor) or explicit.dim() != 2 or explicit.is_floating_point()
-        ):
-            raise ValueError(
-                f"`modality_ids` must be an integer tensor of shape (batch, seq), got {type(explicit).__name__} "
-                f"{tuple(getattr(explicit, 'shape', ()))}."
-            )
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if explicit is not None and reference is not None and tuple(explicit.shape) == tuple(reference.shape[:2]):
-            self.modality_ids = explicit.to(reference.device)
+        if explicit is not None:
+            if not isinstance(explicit, torch.Tensor) or explicit.dim() != 2 or explicit.is_floating_point():
+                raise ValueError(
+                    "`modality_ids` must be an integer tensor of shape (batch, seq) with values indexing "
+                    f"{list(MODALITIES)}, got {type(explicit).__name__} {tuple(getattr(explicit, 'shape', ()))}."
+                )
+            if reference is None:
+                self.modality_ids = None
+            elif tuple(explicit.shape) == tuple(reference.shape[:2]):
+                self.modality_ids = explicit.to(reference.device)
+            else:  # a later decoding step of generate(): the new tokens are text
+                self.modality_ids = torch.zeros(reference.shape[:2], dtype=torch.long, device=reference.device)
         elif input_ids is not None:
+            missing = sorted(self.required_modalities - set(self.token_ids))
+            if missing:
+                raise ValueError(
+                    f"The adapter needs to tell {missing} tokens apart, but this model's config has no placeholder "
+                    f"token id for them (looked for e.g. `{missing[0]}_token_id` / `{missing[0]}_token_index`). "
+                    "Pass an explicit `modality_ids` tensor of shape (batch, seq) to the model's forward/generate "
+                    f"(values index {list(MODALITIES)})."
+                )
             self.modality_ids = modality_ids_from_input_ids(input_ids, self.token_ids)
         else:
             self.modality_ids = None
         self.attention_mask = kwargs.get("attention_mask")
-        for layer in self.routed_layers:
+        self._routed_layers = [m for m in module.modules() if hasattr(m, "router_aux_loss_coef")]
+        for layer in self._routed_layers:
             layer.routing_record = None
         return args, kwargs
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
         if not isinstance(outputs, dict):
             return outputs
-        losses = router_aux_loss(self.routed_layers)
+        losses = router_aux_loss(self._routed_layers)
         if losses is None:
             return outputs
         weighted, raw = losses
@@ -91,3 +115,22 @@ class ForwardContext:
         if mask is None or mask.dim() != 2 or mask.numel() != num_tokens:
             return None
         return mask.reshape(-1).bool()
+
+
+def _add_modality_ids_to_forward_signature(model: nn.Module) -> None:
+    """Give `model.forward` a visible `modality_ids` keyword (the pre-hook consumes it before `forward` runs)."""
+    class_forward = type(model).forward
+    signature = inspect.signature(class_forward)
+    if "modality_ids" in signature.parameters:
+        return
+    parameters = list(signature.parameters.values())
+    position = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+    parameters.insert(position, inspect.Parameter("modality_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+
+    def forward(self, *args, modality_ids=None, **kwargs):
+        return class_forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature.replace(parameters=parameters)
+    forward.__doc__ = class_forward.__doc__
+    # A method bound to the instance: `copy.deepcopy` rebinds it to the copy, and it closes over nothing else.
+    model.forward = types.MethodType(forward, model)

@@ -17,32 +17,35 @@ from torch import nn
 class RoutingRecord:
     """What one routed layer saw in the last forward call.
 
-    router_logits: `(t, e)` logits over all experts the layer routes to (old + new).
-    top_k_index: `(t, k)` chosen experts.
+    router_probs: `(t, e)` routing probabilities over all experts the layer routes to.
+    dispatch_mask: `(t, e)` bool, the experts each token was sent to.
     token_mask: `(t,)` bool, tokens that count for the load-balancing loss (non-padding, eligible), or None = all.
     """
 
-    router_logits: torch.Tensor
-    top_k_index: torch.Tensor
-    token_mask: torch.Tensor | None
+    router_probs: torch.Tensor
+    dispatch_mask: torch.Tensor
+    token_mask: torch.Tensor | None = None
+
+
+def dispatch_mask_from_top_k(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`(t, e)` bool mask of the experts chosen in `(t, k)` top-k indices."""
+    return F.one_hot(top_k_index, num_experts).sum(dim=1) > 0
 
 
 def load_balancing_loss(record: RoutingRecord) -> torch.Tensor:
     """Switch-Transformer load-balancing loss of one layer: `e * sum_e f_e * P_e`.
 
-    f_e is the fraction of routing slots assigned to expert e and P_e the mean router probability of e over the
-    counted tokens (Fedus et al. 2021, eq. 4; normalised as transformers' Mixtral `load_balancing_loss_func`, so a
-    perfectly balanced router scores `top_k`). Returns a scalar; zero when no token counts.
+    f_e is the share of counted tokens dispatched to expert e (summed over top-k slots) and P_e the mean router
+    probability of e (Fedus et al. 2021, eq. 4; normalised as transformers' Mixtral `load_balancing_loss_func`, so
+    a perfectly balanced top-k router scores k). Returns a scalar; zero when no token counts.
     """
-    logits, index, mask = record.router_logits, record.top_k_index, record.token_mask
+    probs, dispatch, mask = record.router_probs, record.dispatch_mask, record.token_mask
     if mask is not None:
-        logits, index = logits[mask], index[mask]
-    num_experts = logits.shape[-1]
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    probs = F.softmax(logits.float(), dim=-1)  # (t, e)
-    slot_fraction = F.one_hot(index, num_experts).float().mean(dim=0)  # (k, e)
-    return num_experts * (slot_fraction * probs.mean(dim=0)).sum()
+        probs, dispatch = probs[mask], dispatch[mask]
+    if probs.shape[0] == 0:
+        return probs.sum() * 0.0
+    num_experts = probs.shape[-1]
+    return num_experts * (dispatch.float().mean(dim=0) * probs.float().mean(dim=0)).sum()
 
 
 def expert_usage(top_k_index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -115,7 +115,7 @@ def test_eager_and_grouped_mm_experts_agree(family):
         with torch.no_grad():
             logits.append(peft_model(**batch).logits)
         routed_new = sum(
-            int((m.routing_record.top_k_index >= NUM_EXPERTS).sum())
+            int(m.routing_record.dispatch_mask[:, NUM_EXPERTS:].sum())
             for m in model.modules()
             if isinstance(m, MoExtendLayer)
         )
@@ -181,7 +181,7 @@ def test_restricted_to_images_text_only_inputs_are_exactly_base(family):
     assert not torch.allclose(image_logits[:, first_image:], image_base[:, first_image:], atol=1e-4)
 
 
-def test_explicit_modality_ids_override_placeholder_tokens():
+def test_explicit_modality_ids_mark_tokens_where_the_model_has_no_placeholder_ids():
     family = "mixtral"
     model = make_tiny_moe(family)
     batch = make_inputs(model, family)
@@ -189,9 +189,13 @@ def test_explicit_modality_ids_override_placeholder_tokens():
         expected = model(**batch).logits
     peft_model = get_peft_model(model, MoExtendConfig(restrict_to_modalities=["image"]))
     with torch.no_grad():
-        assert torch.equal(peft_model(**batch).logits, expected)  # a text-only model: every token is text
-        image_ids = torch.ones_like(batch["input_ids"])  # but we declare every token an image token
+        text_ids = torch.zeros_like(batch["input_ids"])
+        assert torch.equal(peft_model(**batch, modality_ids=text_ids).logits, expected)
+        image_ids = torch.ones_like(batch["input_ids"])
         assert not torch.allclose(peft_model(**batch, modality_ids=image_ids).logits, expected, atol=1e-4)
+        # a text-only model cannot mark image tokens by itself: the user is told to pass modality_ids
+        with pytest.raises(ValueError, match=r"no placeholder token id.*image_token_id.*modality_ids"):
+            peft_model(**batch)
 
 
 def test_restricted_adapter_without_modality_information_raises():

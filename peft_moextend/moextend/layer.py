@@ -15,7 +15,7 @@ from ..experts import added_experts_forward
 from ..forward_context import ForwardContext
 from ..modality import modality_index
 from ..moe_families import MoEFamily, experts_are_transposed
-from ..routing import RoutingRecord
+from ..routing import RoutingRecord, dispatch_mask_from_top_k
 from .config import MoExtendConfig
 from .router import extended_routing
 
@@ -53,7 +53,6 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         self.moextend_modalities: dict[str, torch.Tensor | None] = {}
         self.moextend_aux_loss_coef: dict[str, float] = {}
         self.routing_record: RoutingRecord | None = None
-        context.routed_layers.add(self)
         self._disable_adapters = False
         self.merged_adapters = []
 
@@ -96,6 +95,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         self.moextend_modalities[adapter_name] = (
             None if modalities is None else torch.tensor([modality_index(m) for m in modalities])
         )
+        self._context.required_modalities.update(m for m in modalities or () if m != "text")
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -176,7 +176,10 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         token_mask = self._context.token_attention_mask(hidden.shape[0])
         if eligible is not None:
             token_mask = eligible if token_mask is None else token_mask & eligible
-        self.routing_record = RoutingRecord(logits, top_k_index, token_mask)
+        num_experts = logits.shape[-1]
+        self.routing_record = RoutingRecord(
+            F.softmax(logits.float(), dim=-1), dispatch_mask_from_top_k(top_k_index, num_experts), token_mask
+        )
 
         num_base = self.num_base_experts
         is_base_slot = top_k_index < num_base

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..forward_context import ForwardContext
 from ..moe_families import (
     MoEFamily,
     decoder_layer_index,
@@ -20,13 +17,13 @@ from ..moe_families import (
     find_moe_blocks,
     supported_blocks_message,
 )
-from ..quantization import protect_cpu_4bit_layers
+from ..tuner_utils import ExpertTuner
 from .config import MoExtendConfig
 from .extension import measure_expert_usage
 from .layer import MoExtendLayer
 
 
-class MoExtendModel(BaseTuner):
+class MoExtendModel(ExpertTuner):
     """Adds new experts to the MoE layers of a pretrained transformers MoE model.
 
     Use through `peft.get_peft_model(model, MoExtendConfig(...))` after `import peft_moextend`. `forward` and
@@ -38,7 +35,8 @@ class MoExtendModel(BaseTuner):
 
     prefix: str = "moextend_"
     tuner_layer_cls = MoExtendLayer
-    target_module_mapping: dict[str, list[str]] = {}
+    method_name = "MoExtend"
+    merge_refusal = "they add experts and router rows, which the base architecture has no room for."
 
     # -- injection ---------------------------------------------------------------------------------------------
     def _moe_blocks(self, model: nn.Module) -> dict[str, tuple[int, nn.Module, MoEFamily]]:
@@ -65,9 +63,6 @@ class MoExtendModel(BaseTuner):
                 )
             blocks[name] = (decoder_layer_index(name, position), block, family)
         return blocks
-
-    def _prepare_adapter_config(self, peft_config: MoExtendConfig, model_config: dict) -> MoExtendConfig:
-        return peft_config
 
     def _prepare_model(self, peft_config: MoExtendConfig, model: nn.Module) -> None:
         blocks = self._moe_blocks(model)
@@ -98,10 +93,6 @@ class MoExtendModel(BaseTuner):
         peft_config.num_base_experts, peft_config.hidden_size = num_experts, hidden_size
         peft_config.target_modules = "|".join(re.escape(name) for name in chosen)
         self._blocks = blocks
-        protect_cpu_4bit_layers(model)
-
-    def _pre_injection_hook(self, model: nn.Module, config: MoExtendConfig, adapter_name: str) -> None:
-        self._forward_context = ForwardContext.of(model)
 
     @staticmethod
     def _source_expert(config: MoExtendConfig, layer_index: int) -> int:
@@ -136,18 +127,6 @@ class MoExtendModel(BaseTuner):
         # MoExtendLayer already placed its tensors next to the block's experts.
         setattr(parent, child_name, new_module)
 
-    def _check_merge_allowed(self) -> None:
-        raise ValueError(
-            "MoExtend adapters cannot be merged into the base weights: they add experts and router rows, which the "
-            "base architecture has no room for. Keep the PeftModel (or `save_pretrained` the adapter) instead."
-        )
-
-    def merge_adapter(self, *args, **kwargs) -> None:
-        self._check_merge_allowed()
-
-    def _layers(self) -> list[MoExtendLayer]:
-        return [m for m in self.model.modules() if isinstance(m, MoExtendLayer)]
-
     # -- expert initialisation from data ---------------------------------------------------------------------
     @torch.no_grad()
     def init_new_experts_from_data(
@@ -172,14 +151,6 @@ class MoExtendModel(BaseTuner):
         if config.expert_init != "zeros":
             config.expert_init = dict(sources)
         return sources
-
-    @contextmanager
-    def _disabled_adapters(self) -> Iterator[None]:
-        self._enable_adapter_layers(False)
-        try:
-            yield
-        finally:
-            self._enable_adapter_layers(True)
 
 
 def _outermost_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
