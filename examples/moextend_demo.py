@@ -124,7 +124,7 @@ def main() -> None:
     )
     peft_model = get_peft_model(model, config)
     sources = peft_model.base_model.init_new_experts_from_data(
-        collate(train_rows[start : start + 16], pad_id) for start in range(0, 64, 16)
+        collate(train_rows[start : start + 16], pad_id) for start in range(0, min(64, len(train_rows)), 16)
     )
     print(f"new experts copy each layer's most used expert on the new data: {sources}")
     peft_model.print_trainable_parameters()
