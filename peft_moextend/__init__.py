@@ -13,8 +13,10 @@ from .moextend import (
     tune_routers_and_plan,
 )
 from .registration import MoExtendPeftType, register_method
+from .smola import SMoLAConfig, SMoLAModel
 
 register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
+register_method(MoExtendPeftType.SMOLA, SMoLAConfig, SMoLAModel)
 
 __version__ = "0.1.0"
 
@@ -26,5 +28,7 @@ __all__ = [
     "measure_expert_usage",
     "plan_extension",
     "register_method",
+    "SMoLAConfig",
+    "SMoLAModel",
     "tune_routers_and_plan",
 ]

@@ -58,3 +58,29 @@ def modality_ids_from_input_ids(input_ids: torch.Tensor, token_ids: dict[str, in
     for modality, token_id in token_ids.items():
         ids = torch.where(input_ids == token_id, modality_index(modality), ids)
     return ids
+
+
+_TOWER_NAME_PARTS: tuple[tuple[str, str], ...] = (
+    ("audio_tower", "audio"),
+    ("audio_model", "audio"),
+    ("audio_encoder", "audio"),
+    ("vision_tower", "image"),
+    ("vision_model", "image"),
+    ("vision_encoder", "image"),
+    ("visual", "image"),
+    ("multi_modal_projector", "image"),
+    ("connector", "image"),
+)
+
+
+def tower_modality(module_name: str) -> str | None:
+    """Modality of every token a module sees if it sits in a vision/audio tower (or its projector), else None.
+
+    Towers process only their own modality (`model.vision_tower...`, `model.visual...`, `audio_tower...`), so all
+    their tokens count as that modality. Language-model modules return None: their tokens need per-position ids.
+    """
+    parts = module_name.split(".")
+    for part, modality in _TOWER_NAME_PARTS:
+        if part in parts:
+            return modality
+    return None

@@ -20,6 +20,7 @@ class MoExtendPeftType(str, enum.Enum):
     """PEFT types added by `peft_moextend`; the lower-cased value plus "_" is the parameter prefix."""
 
     MOEXTEND = "MOEXTEND"
+    SMOLA = "SMOLA"
 
     def __str__(self) -> str:
         return self.value

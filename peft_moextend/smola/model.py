@@ -1,0 +1,53 @@
+"""SMoLA tuner: wraps the target linear layers in `SMoLALayer`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..modality import tower_modality
+from ..targets import default_language_model_targets
+from ..tuner_utils import ExpertTuner
+from .config import SMoLAConfig
+from .layer import SMoLALayer
+
+
+class SMoLAModel(ExpertTuner):
+    """Soft mixtures of low-rank experts with per-modality groups on the linear layers of a transformers model.
+
+    Use through `peft.get_peft_model(model, SMoLAConfig(...))` after `import peft_moextend`. Token modalities come
+    from the model's placeholder tokens or an explicit `modality_ids` keyword of forward/generate (see
+    `peft_moextend.forward_context`); modules inside a vision/audio tower treat all their tokens as that modality.
+    """
+
+    prefix: str = "smola_"
+    tuner_layer_cls = SMoLALayer
+    method_name = "SMoLA"
+    merge_refusal = (
+        "the mixture weights depend on each token (router and modality groups), so no single weight update equals "
+        "the adapter."
+    )
+
+    def _prepare_model(self, peft_config: SMoLAConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_language_model_targets(model)
+
+    def _create_and_replace(
+        self,
+        peft_config: SMoLAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, SMoLALayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = SMoLALayer(target, current_key, tower_modality(current_key), self._forward_context)
+        new_module.update_layer(adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)

@@ -1,0 +1,45 @@
+"""Per-group routing of SMoLA (soft, as in the paper, or top-k within each group).
+
+Einstein notation: t - tokens, e - experts (all groups), g - groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_softmax(logits: torch.Tensor, expert_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Softmax over the experts of each group separately.
+
+    logits: `(t, e)`; expert_group: `(e,)` group index of every expert. Returns `(t, e)`: for every token the
+    weights of each group's experts sum to one. Entries at -inf get weight 0.
+    """
+    index = expert_group.expand_as(logits)
+    group_max = logits.new_full((logits.shape[0], num_groups), float("-inf")).scatter_reduce(
+        1, index, logits, reduce="amax"
+    )  # (t, g)
+    exp = torch.exp(logits - group_max.gather(1, index))  # (t, e)
+    group_sum = exp.new_zeros(logits.shape[0], num_groups).index_add(1, expert_group, exp)  # (t, g)
+    return exp / group_sum.gather(1, index)
+
+
+def group_top_k_mask(logits: torch.Tensor, expert_group: torch.Tensor, top_k: int) -> torch.Tensor:
+    """`(t, e)` bool: the `top_k` largest logits of each group, per token (ties: lower expert index first)."""
+    same_group = expert_group[:, None] == expert_group[None, :]  # (e, e)
+    # expert j outranks expert i when its logit is larger, or equal with a lower index
+    larger = logits[:, None, :] > logits[:, :, None]  # (t, i, j)
+    tie_before = (logits[:, None, :] == logits[:, :, None]) & torch.ones_like(same_group).tril(-1)
+    rank = ((larger | tie_before) & same_group).sum(dim=-1)  # (t, e)
+    return rank < top_k
+
+
+def route(
+    logits: torch.Tensor, expert_group: torch.Tensor, num_groups: int, top_k: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gates `(t, e)` of a soft (top_k None) or per-group top-k router, and for top-k the `(t, e)` bool dispatch
+    mask (None for the soft router, where every token uses every expert)."""
+    if top_k is None:
+        return group_softmax(logits, expert_group, num_groups), None
+    selected = group_top_k_mask(logits, expert_group, top_k)
+    gates = group_softmax(logits.masked_fill(~selected, float("-inf")), expert_group, num_groups)
+    return gates, selected

@@ -1,0 +1,208 @@
+"""SMoLA on the supported vision-language models: what it adds, trains, saves, and refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import run_python, snapshot, train_steps
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs, vision_tower_prefix
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+from peft_moextend import SMoLAConfig
+from peft_moextend.smola import SMoLALayer
+
+
+def groups_for(family: str) -> dict[str, int]:
+    media = "audio" if family in AUDIO_FAMILIES else "image"
+    return {"text": 2, media: 3, "multimodal": 2}
+
+
+def randomize_up_projections(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "smola_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_starts_as_base_model_and_trains_only_its_parameters(family):
+    model = make_tiny_vlm(family)
+    batch = make_vlm_inputs(model, family)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    config = SMoLAConfig(r=2, expert_groups=groups_for(family))
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        assert torch.equal(peft_model(**batch).logits, expected)
+    layers = [m for m in peft_model.modules() if isinstance(m, SMoLALayer)]
+    assert len(layers) == 14 and all(m.tower_modality is None for m in layers)  # 2 x 7 language-model linears
+    experts = config.num_experts
+    assert peft_model.get_nb_trainable_parameters()[0] == sum(
+        experts * config.r * (m.in_features + m.out_features) + experts * m.in_features for m in layers
+    )
+    before = snapshot(peft_model)
+    losses = train_steps(peft_model, batch, steps=3, lr=1e-2)
+    after = snapshot(peft_model)
+    assert losses[-1] < losses[0]
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all(".smola_" in n for n in changed)
+
+
+def test_vision_tower_linears_can_be_targeted_and_use_the_image_group():
+    model = make_tiny_vlm("llava")
+    tower = vision_tower_prefix(model)
+    config = SMoLAConfig(expert_groups={"text": 2, "image": 2}, target_modules=r".*\.(q_proj|v_proj)$")
+    peft_model = get_peft_model(model, config)
+    layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, SMoLALayer)}
+    tower_layers = {n: m for n, m in layers.items() if f".{tower}." in f".{n.removeprefix('base_model.model.')}"}
+    assert tower_layers and len(layers) > len(tower_layers)
+    assert all(m.tower_modality == "image" for m in tower_layers.values())
+    batch = make_vlm_inputs(model, "llava")
+    randomize_up_projections(peft_model)
+    with torch.no_grad():
+        reference = peft_model(**batch).logits
+        for layer in tower_layers.values():  # text experts (0, 1) never act inside the image tower
+            layer.smola_B["default"].view(layer.out_features, 4, -1)[:, :2].add_(5.0)
+        assert torch.equal(peft_model(**batch).logits, reference)
+
+
+def test_saves_only_smola_tensors_and_reloads_identically_in_a_fresh_process(tmp_path):
+    model = make_tiny_vlm("qwen2_vl")
+    batch = make_vlm_inputs(model, "qwen2_vl")
+    peft_model = get_peft_model(model, SMoLAConfig(expert_groups=groups_for("qwen2_vl"), router="top_k"))
+    train_steps(peft_model, batch, steps=2, lr=1e-2)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    state = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    trainable = {n.replace(".default", "") for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert set(state) == trainable and all(".smola_" in k for k in state)
+    torch.save(batch, tmp_path / "batch.pt")
+    run_python(
+        f"""
+        import torch, peft_moextend
+        from peft import PeftModel
+        from tiny_vlms import make_tiny_vlm
+        model = PeftModel.from_pretrained(make_tiny_vlm("qwen2_vl"), "{tmp_path / "adapter"}")
+        with torch.no_grad():
+            torch.save(model(**torch.load("{tmp_path / "batch.pt"}")).logits, "{tmp_path / "logits.pt"}")
+        """
+    )
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    resumed = PeftModel.from_pretrained(make_tiny_vlm("qwen2_vl"), tmp_path / "adapter", is_trainable=True)
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == {
+        n for n, p in peft_model.named_parameters() if p.requires_grad
+    }
+
+
+def test_top_k_router_adds_its_load_balancing_loss():
+    model = make_tiny_vlm("llava")
+    batch = make_vlm_inputs(model, "llava")
+    losses = {}
+    for coef in (0.0, 0.5):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(make_tiny_vlm("llava"), SMoLAConfig(router="top_k", router_aux_loss_coef=coef))
+        losses[coef] = peft_model(**batch)
+    aux = losses[0.5].router_aux_loss
+    assert aux > 0
+    torch.testing.assert_close(losses[0.5].loss, losses[0.0].loss + 0.5 * aux)
+    soft = get_peft_model(model, SMoLAConfig())(**batch)
+    assert "router_aux_loss" not in soft
+
+
+def test_multiple_adapters_add_switch_disable_delete():
+    model = make_tiny_vlm("llava")
+    batch = make_vlm_inputs(model, "llava")
+    with torch.no_grad():
+        base = model(**batch).logits
+    peft_model = get_peft_model(model, SMoLAConfig(r=2))
+    peft_model.add_adapter("other", SMoLAConfig(r=4, expert_groups={"multimodal": 3}))
+    randomize_up_projections(peft_model)
+    with torch.no_grad():
+        first = peft_model(**batch).logits
+        peft_model.set_adapter("other")
+        second = peft_model(**batch).logits
+        assert not torch.allclose(first, second)
+        assert all(".other" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+        with peft_model.disable_adapter():
+            assert torch.equal(peft_model(**batch).logits, base)
+        peft_model.delete_adapter("other")
+        assert not any(".other" in n for n, _ in peft_model.named_parameters())
+        peft_model.set_adapter("default")
+        assert torch.equal(peft_model(**batch).logits, first)
+
+
+def test_merge_is_refused_with_the_reason():
+    peft_model = get_peft_model(make_tiny_vlm("llava"), SMoLAConfig())
+    with pytest.raises(ValueError, match="depend on each token"):
+        peft_model.merge_and_unload()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"expert_groups": {"text": 2, "smell": 2}}, "unknown groups"),
+        ({"expert_groups": {"text": 2, "image": 0}}, "at least one expert"),
+        ({"expert_groups": {}}, "non-empty"),
+        ({"router": "top_k", "top_k": 3, "expert_groups": {"text": 2, "image": 4}}, "smallest group"),
+        ({"r": 0}, "positive integer"),
+        ({"router": "hard"}, "router"),
+        ({"router_temperature": 0}, "router_temperature"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_invalid_options_are_rejected_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        SMoLAConfig(**options)
+
+
+def test_targets_that_match_nothing_or_no_linear_are_reported():
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(make_tiny_vlm("llava"), SMoLAConfig(target_modules=["no_such_module"]))
+    with pytest.raises(ValueError, match=r"adapts linear layers.*Embedding"):
+        get_peft_model(make_tiny_vlm("llava"), SMoLAConfig(target_modules=["embed_tokens"]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_gradients_match_the_dequantized_model(tmp_path, bits):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    ).save_pretrained(tmp_path)
+    quantization = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            q = modules.get(name)
+            if isinstance(q, bnb.nn.Linear4bit):
+                module.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
+            elif isinstance(q, bnb.nn.Linear8bitLt):
+                module.weight.copy_(q.weight.data.float() * q.weight.SCB.float()[:, None] / 127)
+    input_ids = torch.randint(3, 128, (2, 10))
+    grads = []
+    for model in (quantized, reference):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, SMoLAConfig(expert_groups={"multimodal": 4}))
+        randomize_up_projections(peft_model)
+        peft_model.eval()
+        with torch.no_grad():
+            peft_model(input_ids=input_ids)
+        peft_model.train()
+        peft_model(input_ids=input_ids, labels=input_ids).loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    layers = [m for m in quantized.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(type(m.get_base_layer()).__name__.startswith("Linear") for m in layers)
+    for name, expected in grads[1].items():
+        error = (grads[0][name] - expected).norm() / expected.norm().clamp_min(1e-12)
+        assert error < (1e-5 if bits == 4 else 0.05), (name, float(error))
