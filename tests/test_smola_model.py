@@ -206,3 +206,31 @@ def test_quantized_base_gradients_match_the_dequantized_model(tmp_path, bits):
     for name, expected in grads[1].items():
         error = (grads[0][name] - expected).norm() / expected.norm().clamp_min(1e-12)
         assert error < (1e-5 if bits == 4 else 0.05), (name, float(error))
+
+
+def test_trainer_lowers_the_loss_and_changes_only_smola_parameters(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = make_tiny_vlm("llava")
+    peft_model = get_peft_model(model, SMoLAConfig(r=2, expert_groups={"text": 2, "image": 2, "multimodal": 2}))
+    rows = [make_vlm_inputs(model, "llava", batch_size=1, seed=i % 4) for i in range(32)]
+    dataset = [{k: v[0] for k, v in row.items()} for row in rows]
+    before = snapshot(peft_model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=24,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=4,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    after = snapshot(peft_model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".smola_" in n for n in changed)
