@@ -4,6 +4,7 @@
 `AutoPeftModel*.from_pretrained` and transformers' `load_adapter` work with their configs and adapter folders.
 """
 
+from .hub import install_push_to_hub
 from .moextend import (
     ExtensionPlan,
     MoExtendConfig,
@@ -17,6 +18,7 @@ from .smola import SMoLAConfig, SMoLAModel
 
 register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
 register_method(MoExtendPeftType.SMOLA, SMoLAConfig, SMoLAModel)
+install_push_to_hub()
 
 __version__ = "0.1.0"
 

@@ -68,8 +68,8 @@ def added_experts_forward(
     """
     token_pos, slot_pos = torch.nonzero(top_k_index >= num_base_experts, as_tuple=True)  # (r,), (r,)
     out = torch.zeros_like(hidden)
-    if token_pos.numel() == 0:
-        return out
+    # No early exit when r == 0: the empty matmuls keep the added experts in the autograd graph (zero gradients),
+    # which DDP needs to see every trainable parameter used in every step.
     compute_dtype = gate_up_proj.dtype
     rows = hidden[token_pos].to(compute_dtype)  # (r, h)
     weights = top_k_weights[token_pos, slot_pos].to(compute_dtype).unsqueeze(-1)  # (r, 1)

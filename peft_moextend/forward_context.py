@@ -53,6 +53,7 @@ class ForwardContext:
         self.attention_mask: torch.Tensor | None = None
         self.required_modalities: set[str] = set()
         self._routed_layers: list[nn.Module] = []
+        self.training_aux_losses: list[torch.Tensor] = []  # read and cleared by RouterAuxLossCallback
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, with_kwargs=True)
         _add_modality_ids_to_forward_signature(model)
@@ -99,8 +100,25 @@ class ForwardContext:
             return outputs
         weighted, raw = losses
         if kwargs.get("labels") is not None and outputs.get("loss") is not None:
+            if (
+                torch.is_grad_enabled()
+                and outputs["loss"].requires_grad
+                and not weighted.requires_grad
+                and any(
+                    layer.routing_record is not None and layer.router_aux_loss_coef > 0 for layer in self._routed_layers
+                )
+            ):
+                raise RuntimeError(
+                    "The router load-balancing loss cannot get gradients: the routed layers ran without autograd, "
+                    "which is what reentrant gradient checkpointing does. Enable checkpointing with "
+                    "`gradient_checkpointing_kwargs={'use_reentrant': False}` (in TrainingArguments, "
+                    "`model.gradient_checkpointing_enable(...)` or `prepare_model_for_kbit_training(...)`), or set "
+                    "`router_aux_loss_coef=0`."
+                )
             outputs["loss"] = outputs["loss"] + weighted.to(outputs["loss"].device)
         outputs["router_aux_loss"] = raw
+        if module.training:
+            self.training_aux_losses.append(raw.detach())
         return outputs
 
     def token_modality_ids(self, num_tokens: int) -> torch.Tensor | None:

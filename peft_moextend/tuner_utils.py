@@ -6,7 +6,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
 from torch import nn
 
 from .forward_context import ForwardContext
@@ -40,6 +44,46 @@ class ExpertTuner(BaseTuner):
 
     def merge_adapter(self, *args, **kwargs) -> None:
         self._check_merge_allowed()
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        to_save = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        broken = [key for key, value in to_save.items() if value.is_floating_point() and not value.isfinite().all()]
+        if broken:
+            raise ValueError(
+                f"Refusing to save adapter {adapter_name!r}: {len(broken)} tensors contain NaN or inf (first: "
+                f"{broken[0]}), so training diverged (check the learning rate, the inputs and the loss scale). "
+                "The previously saved checkpoint, if any, is left untouched."
+            )
+        return to_save
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+        expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+        loaded = {k: v for k, v in remapped.items() if cls.prefix in k}
+        missing = sorted(set(expected) - set(loaded))
+        unexpected = sorted(set(loaded) - set(expected))
+        mismatched = [k for k in set(loaded) & set(expected) if tuple(loaded[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or mismatched:
+            details = []
+            if mismatched:
+                key = sorted(mismatched)[0]
+                details.append(
+                    f"{len(mismatched)} tensors have other shapes (e.g. {key}: {tuple(loaded[key].shape)} in the "
+                    f"adapter, {tuple(expected[key].shape)} in this model)"
+                )
+            if unexpected:
+                details.append(f"{len(unexpected)} adapter tensors have no place in this model (e.g. {unexpected[0]})")
+            if missing:
+                details.append(f"{len(missing)} tensors this model expects are not in the adapter (e.g. {missing[0]})")
+            raise ValueError(
+                f"This {cls.method_name} adapter does not fit this base model: {'; '.join(details)}. The adapter "
+                "was trained on a base model with another architecture (hidden size, number of layers or experts): "
+                f"load it onto the base named in adapter_config.json ({config.base_model_name_or_path!r})."
+            )
+        return remapped
 
     def _layers(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]

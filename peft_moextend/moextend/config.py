@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
+from ..config_utils import ExpertConfigMixin, strict_options
 from ..modality import validate_modalities
 from ..registration import MoExtendPeftType
 
 EXPERT_INIT_MODES = ("most_used", "zeros")
 
 
+@strict_options
 @dataclass
-class MoExtendConfig(PeftConfig):
+class MoExtendConfig(ExpertConfigMixin, PeftConfig):
     """Configuration of [`MoExtendModel`] (Zhong et al., 2024, "MoExtend: Tuning New Experts for Modality and Task
     Extension").
 
@@ -44,6 +46,8 @@ class MoExtendConfig(PeftConfig):
         hidden_size: Filled in automatically: the base model's hidden size, checked when loading like
             `num_base_experts`.
     """
+
+    method_name = "MoExtend"
 
     num_new_experts: int = field(default=1, metadata={"help": "New experts per extended MoE layer."})
     target_layers: list[int] | None = field(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
+from ..config_utils import ExpertConfigMixin, strict_options
 from ..modality import MODALITIES
 from ..registration import MoExtendPeftType
 
@@ -13,8 +14,9 @@ MULTIMODAL = "multimodal"
 ROUTERS = ("soft", "top_k")
 
 
+@strict_options
 @dataclass
-class SMoLAConfig(PeftConfig):
+class SMoLAConfig(ExpertConfigMixin, PeftConfig):
     """Configuration of [`SMoLAModel`] (Wu et al., 2023, "Omni-SMoLA: Boosting Generalist Multimodal Models with Soft
     Mixture of Low-rank Experts", arXiv 2312.00968).
 
@@ -38,6 +40,8 @@ class SMoLAConfig(PeftConfig):
             tokens all count as the tower's modality.
         router_aux_loss_coef: Load-balancing loss coefficient for `router="top_k"` (0 disables; unused for "soft").
     """
+
+    method_name = "SMoLA"
 
     r: int = field(default=4, metadata={"help": "Rank of every low-rank expert."})
     expert_groups: dict[str, int] = field(

@@ -1,0 +1,185 @@
+"""Per-method fixtures of the conformance suite: every registered method must have one (see test_registry.py).
+
+A case says which model families the method supports, how to build its configs (a default one, and a different one
+for a second adapter), which families represent "a text causal LM" and "a vision-language model", and how to draw
+config options for property-based tests together with an independent oracle of which combinations are valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+from peft.config import PeftConfig
+from tiny_models import MOE_FAMILIES, make_inputs, make_tiny_moe
+from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from peft_moextend import MoExtendConfig, MoExtendPeftType, SMoLAConfig
+
+
+def make_llama(seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def make_model(family: str, seed: int = 0) -> PreTrainedModel:
+    if family == "llama":
+        return make_llama(seed)
+    if family in MOE_FAMILIES:
+        return make_tiny_moe(family, seed=seed)
+    return make_tiny_vlm(family, seed=seed)
+
+
+def make_batch(model: PreTrainedModel, family: str, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    if family == "llama":
+        input_ids = torch.randint(3, 128, (batch_size, 12), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    if family in MOE_FAMILIES:
+        return make_inputs(model, family, batch_size=batch_size, seed=seed)
+    return make_vlm_inputs(model, family, batch_size=batch_size, seed=seed)
+
+
+def is_vision_language(family: str) -> bool:
+    return family in VLM_FAMILIES or family in ("qwen3_vl_moe", "llama4", "llava_mixtral")
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    """How the conformance suite exercises one method."""
+
+    name: str
+    peft_type: MoExtendPeftType
+    families: tuple[str, ...]
+    text_family: str
+    vision_family: str
+    make_config: Callable[[str, int], PeftConfig]  # (family, variant) -> config; variant 1 differs from 0
+    has_router_aux_loss: bool
+    options: st.SearchStrategy  # dicts of config options, valid or not
+    is_valid: Callable[[dict], bool]  # independent oracle for `options`
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.peft_type.value.lower()}_"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _moextend_config(family: str, variant: int) -> MoExtendConfig:
+    if variant == 0:
+        return MoExtendConfig(num_new_experts=1, router_aux_loss_coef=1e-2)
+    return MoExtendConfig(num_new_experts=2, expert_init=1, calibration=False)
+
+
+def _moextend_valid(options: dict) -> bool:
+    layers = options.get("target_layers")
+    return (
+        options.get("num_new_experts", 1) >= 1
+        and (layers is None or (len(layers) > 0 and all(0 <= i < 2 for i in layers)))
+        and (not isinstance(options.get("expert_init"), int) or 0 <= options["expert_init"] < 4)
+        and options.get("router_aux_loss_coef", 0.0) >= 0
+        and options.get("calibration_hidden_size", 16) >= 1
+        and options.get("restrict_to_modalities", None) != []
+        and set(options.get("restrict_to_modalities") or ()) <= {"text", "image", "video", "audio"}
+    )
+
+
+_MOEXTEND_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "num_new_experts": st.integers(-1, 3),
+        "target_layers": st.none() | st.lists(st.integers(-1, 3), max_size=3),
+        "expert_init": st.sampled_from(["most_used", "zeros"]) | st.integers(-1, 5),
+        "calibration": st.booleans(),
+        "calibration_hidden_size": st.integers(0, 8),
+        "router_aux_loss_coef": st.floats(-1.0, 1.0, allow_nan=False),
+        "restrict_to_modalities": st.none() | st.lists(st.sampled_from(["text", "image", "smell"]), max_size=2),
+    },
+)
+
+
+def _smola_groups(family: str) -> dict[str, int]:
+    if family == "llama" or family in MOE_FAMILIES and not is_vision_language(family):
+        return {"multimodal": 3}
+    return {"text": 2, "audio" if family in AUDIO_FAMILIES else "image": 2, "multimodal": 2}
+
+
+def _smola_config(family: str, variant: int) -> SMoLAConfig:
+    if variant == 0:
+        return SMoLAConfig(r=2, expert_groups=_smola_groups(family), router="top_k", top_k=1, router_aux_loss_coef=1e-2)
+    return SMoLAConfig(r=3, expert_groups={"multimodal": 2}, lora_alpha=3)
+
+
+def _smola_valid(options: dict) -> bool:
+    groups = options.get("expert_groups", {"text": 4, "image": 4, "multimodal": 4})
+    router = options.get("router", "soft")
+    return (
+        options.get("r", 4) > 0
+        and bool(groups)
+        and set(groups) <= {"text", "image", "video", "audio", "multimodal"}
+        and all(n >= 1 for n in groups.values())
+        and router in ("soft", "top_k")
+        and (router == "soft" or 1 <= options.get("top_k", 2) <= min(groups.values(), default=0))
+        and options.get("router_temperature", 1.0) > 0
+        and 0 <= options.get("dropout", 0.0) < 1
+        and options.get("router_aux_loss_coef", 1e-3) >= 0
+    )
+
+
+_SMOLA_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "r": st.integers(-1, 4),
+        "expert_groups": st.dictionaries(
+            st.sampled_from(["text", "multimodal", "video", "smell"]), st.integers(0, 3), max_size=3
+        ),
+        "router": st.sampled_from(["soft", "top_k", "hard"]),
+        "top_k": st.integers(0, 3),
+        "router_temperature": st.floats(-1.0, 4.0, allow_nan=False),
+        "dropout": st.floats(0.0, 1.0),
+        "router_aux_loss_coef": st.floats(-1.0, 1.0, allow_nan=False),
+    },
+)
+
+CASES: tuple[MethodCase, ...] = (
+    MethodCase(
+        name="moextend",
+        peft_type=MoExtendPeftType.MOEXTEND,
+        families=MOE_FAMILIES,
+        text_family="mixtral",
+        vision_family="llava_mixtral",
+        make_config=_moextend_config,
+        has_router_aux_loss=True,
+        options=_MOEXTEND_OPTIONS,
+        is_valid=_moextend_valid,
+    ),
+    MethodCase(
+        name="smola",
+        peft_type=MoExtendPeftType.SMOLA,
+        families=("llama", *VLM_FAMILIES, "mixtral"),
+        text_family="llama",
+        vision_family="llava",
+        make_config=_smola_config,
+        has_router_aux_loss=True,
+        options=_SMOLA_OPTIONS,
+        is_valid=_smola_valid,
+    ),
+)
+
+FAMILY_CASES = [(case, family) for case in CASES for family in case.families]
+REPRESENTATIVE_CASES = [(case, family) for case in CASES for family in (case.text_family, case.vision_family)]
+
+
+def case_id(value) -> str:
+    return str(value)

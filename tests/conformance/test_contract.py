@@ -1,0 +1,313 @@
+"""The contract every method of the package keeps, checked on tiny models (issue: conformance suite).
+
+Points: 1 injection and gradients, 2 Trainer (aux loss, checkpoints, resume), 3 save/load paths, 4 multiple
+adapters, 5 quantized bases, 6 gradient checkpointing and torch.compile, 8 Hub upload. (7, distributed: see
+test_distributed.py.)
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import run_python, snapshot, train_steps
+from huggingface_hub import HfApi, ModelCard
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    BitsAndBytesConfig,
+    Trainer,
+    TrainingArguments,
+)
+
+from conformance.cases import (
+    CASES,
+    FAMILY_CASES,
+    REPRESENTATIVE_CASES,
+    case_id,
+    is_vision_language,
+    make_batch,
+    make_model,
+)
+from peft_moextend.callbacks import add_router_aux_loss_logging
+
+
+def perturb_adapter(model, prefix: str, scale: float = 0.1) -> None:
+    """Deterministic noise on every adapter tensor: zero-initialised parts become non-zero, ties are broken."""
+    with torch.no_grad():
+        for index, (name, p) in enumerate(sorted(model.named_parameters())):
+            if prefix in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(index)) * scale)
+
+
+def adapter_names(model, prefix: str) -> set[str]:
+    return {n for n, _ in model.named_parameters() if prefix in n}
+
+
+# 1 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("case", "family"), FAMILY_CASES, ids=case_id)
+def test_1_injection_counts_and_gradients(case, family):
+    model = make_model(family)
+    batch = make_batch(model, family)
+    peft_model = get_peft_model(model, case.make_config(family, 0))
+    added = adapter_names(peft_model, case.prefix)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert added and trainable == added
+    count, _ = peft_model.get_nb_trainable_parameters()
+    assert count == sum(p.numel() for n, p in peft_model.named_parameters() if n in added)
+    perturb_adapter(peft_model, case.prefix)
+    peft_model.train()
+    peft_model(**batch).loss.backward()
+    assert {n for n, p in peft_model.named_parameters() if p.grad is not None} == added
+
+
+# 2 -------------------------------------------------------------------------------------------------------------
+def _trainer(model, family, output_dir, max_steps, seed=0):
+    rows = [make_batch(model, family, batch_size=1, seed=i % 4) for i in range(16)]
+    dataset = [{k: v[0] for k, v in row.items()} for row in rows]
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=3,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    add_router_aux_loss_logging(trainer)
+    return trainer
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_2_trainer_logs_aux_loss_saves_adapter_only_and_resumes_exactly(case, tmp_path):
+    family = case.text_family
+    torch.manual_seed(0)
+    peft_model = get_peft_model(make_model(family), case.make_config(family, 0))
+    trainer = _trainer(peft_model, family, tmp_path / "run", max_steps=6)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert sum(e["loss"] for e in logs[-2:]) < sum(e["loss"] for e in logs[:2])
+    if case.has_router_aux_loss:
+        assert all(e["router_aux_loss"] > 0 for e in logs)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert "adapter_model.safetensors" in files and not files & {"model.safetensors", "pytorch_model.bin"}
+    assert all(case.prefix in key for key in load_file(checkpoint / "adapter_model.safetensors"))
+    final = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(0)
+    resumed_model = get_peft_model(make_model(family), case.make_config(family, 0))
+    _trainer(resumed_model, family, tmp_path / "run", max_steps=6).train(resume_from_checkpoint=str(checkpoint))
+    resumed = {n: p.detach() for n, p in resumed_model.named_parameters() if p.requires_grad}
+    for name, value in final.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6)
+
+
+# 3 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_3_reload_in_a_fresh_process_through_every_loading_path(case, family, tmp_path):
+    vision = is_vision_language(family)
+    auto_model = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    make_model(family).save_pretrained(tmp_path / "base")
+    base = auto_model.from_pretrained(tmp_path / "base", dtype=torch.float32, attn_implementation="eager")
+    batch = make_batch(base, family)
+    peft_model = get_peft_model(base, case.make_config(family, 0))
+    perturb_adapter(peft_model, case.prefix)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    torch.save(batch, tmp_path / "batch.pt")
+    auto_peft = "AutoPeftModelForImageTextToText" if vision else "AutoPeftModelForCausalLM"
+    auto_import = "from peft_moextend.auto import" if vision else "from peft import"
+    run_python(
+        f"""
+        import torch, peft_moextend
+        from peft import PeftModel
+        {auto_import} {auto_peft}
+        from transformers import {auto_model.__name__}
+        batch = torch.load("{tmp_path / "batch.pt"}")
+        def base():
+            return {auto_model.__name__}.from_pretrained("{tmp_path / "base"}", dtype=torch.float32,
+                                                          attn_implementation="eager")
+        loaded = {{
+            "peft_model": PeftModel.from_pretrained(base(), "{tmp_path / "adapter"}"),
+            "auto": {auto_peft}.from_pretrained("{tmp_path / "adapter"}", dtype=torch.float32,
+                                                 attn_implementation="eager"),
+        }}
+        plain = base()
+        plain.load_adapter("{tmp_path / "adapter"}")
+        loaded["load_adapter"] = plain
+        with torch.no_grad():
+            torch.save({{k: m(**batch).logits for k, m in loaded.items()}}, "{tmp_path / "logits.pt"}")
+        """
+    )
+    for path, logits in torch.load(tmp_path / "logits.pt").items():
+        assert torch.equal(logits, expected), path
+
+    resumed = PeftModel.from_pretrained(
+        auto_model.from_pretrained(tmp_path / "base", attn_implementation="eager"),
+        tmp_path / "adapter",
+        is_trainable=True,
+    )
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == adapter_names(resumed, case.prefix)
+    before = snapshot(resumed)
+    train_steps(resumed, batch, steps=2)
+    assert any(not torch.equal(before[n], p) for n, p in resumed.named_parameters() if case.prefix in n)
+
+
+# 4 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_4_multiple_adapters(case, family):
+    model = make_model(family)
+    batch = make_batch(model, family)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    peft_model = get_peft_model(model, case.make_config(family, 0))
+    peft_model.add_adapter("second", case.make_config(family, 1))
+    perturb_adapter(peft_model, case.prefix)
+    with torch.no_grad():
+        first = peft_model(**batch).logits
+        peft_model.set_adapter("second")
+        assert all(".second" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+        second = peft_model(**batch).logits
+        assert not torch.allclose(first, second)
+        with peft_model.disable_adapter():
+            assert torch.equal(peft_model(**batch).logits, base_logits)
+        peft_model.set_adapter("default")
+        assert torch.equal(peft_model(**batch).logits, first)
+        peft_model.delete_adapter("second")
+        assert not any(".second" in n for n, _ in peft_model.named_parameters())
+        assert torch.equal(peft_model(**batch).logits, first)
+
+
+# 5 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_5_quantized_base_gradients_match_dequantized_model(case, bits, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    family = case.text_family
+    model = make_model(family)
+    batch = make_batch(model, family)
+    model.save_pretrained(tmp_path)
+    quantization = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    quantized_modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            q = quantized_modules.get(name)
+            if isinstance(q, bnb.nn.Linear4bit):
+                module.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
+            elif isinstance(q, bnb.nn.Linear8bitLt):
+                module.weight.copy_(q.weight.data.float() * q.weight.SCB.float()[:, None] / 127)
+    quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
+    grads = []
+    for base in (quantized, reference):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(base, case.make_config(family, 0))
+        perturb_adapter(peft_model, case.prefix)
+        peft_model.eval()
+        with torch.no_grad():
+            peft_model(**batch)  # an eval forward first: the CPU 4-bit repacking trap
+        peft_model.train()
+        peft_model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    layer_cls = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    assert any(isinstance(m, layer_cls) for m in quantized.modules())
+    for name, expected in grads[1].items():
+        error = (grads[0][name] - expected).norm() / expected.norm().clamp_min(1e-12)
+        # 4-bit on CPU dequantizes then runs the fp32 matmul; LLM.int8 also quantizes activations
+        assert error < (1e-5 if bits == 4 else 0.05), (name, float(error))
+
+
+# 6 -------------------------------------------------------------------------------------------------------------
+def _grads(case, family, checkpointing: dict | None):
+    model = make_model(family)
+    batch = make_batch(model, family)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, case.make_config(family, 0))
+    perturb_adapter(peft_model, case.prefix)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    peft_model.train()
+    loss = peft_model(**{**batch, "use_cache": False}).loss
+    loss.backward()
+    return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_6_gradient_checkpointing_gives_the_same_gradients(case, family):
+    expected = _grads(case, family, None)
+    got = _grads(case, family, {"use_reentrant": False})
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7)
+    if case.has_router_aux_loss:
+        # reentrant checkpointing runs layers without autograd: the aux loss would silently get no gradient
+        with pytest.raises(RuntimeError, match="use_reentrant"):
+            _grads(case, family, {"use_reentrant": True})
+
+
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_6_torch_compile_keeps_the_outputs(case, family):
+    model = make_model(family)
+    batch = make_batch(model, family)
+    peft_model = get_peft_model(model, case.make_config(family, 0))
+    perturb_adapter(peft_model, case.prefix)
+    with torch.no_grad():
+        expected = peft_model(**batch)
+        compiled = torch.compile(peft_model, backend="aot_eager")(**batch)
+    torch.testing.assert_close(compiled.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.loss, expected.loss, rtol=1e-5, atol=1e-5)
+
+
+# 8 -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_8_push_to_hub_uploads_adapter_files_and_model_card(case, tmp_path, monkeypatch):
+    from huggingface_hub import CommitOperationAdd
+
+    family = case.text_family
+    make_model(family).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(base, case.make_config(family, 0))
+    uploaded = {}
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            assert isinstance(op, CommitOperationAdd)
+            content = op.path_or_fileobj
+            uploaded[op.path_in_repo] = content.read() if hasattr(content, "read") else open(content, "rb").read()
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    peft_model.push_to_hub("me/my-experts", token="dummy")
+    assert set(uploaded) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert json.loads(uploaded["adapter_config.json"])["peft_type"] == case.peft_type.value
+    (tmp_path / "README.md").write_bytes(uploaded["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == str(tmp_path / "base")
+    assert {"peft-moextend", case.name} <= set(card.data.tags)
+    assert "import peft_moextend" in card.text
+
+    hub_like = tmp_path / "hub_repo"  # loading from a local folder laid out like the Hub repo
+    hub_like.mkdir()
+    for name, content in uploaded.items():
+        (hub_like / name).write_bytes(content)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), hub_like)
+    batch = make_batch(base, family)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, peft_model(**batch).logits)
