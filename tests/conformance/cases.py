@@ -50,6 +50,14 @@ def make_batch(model: PreTrainedModel, family: str, batch_size: int = 2, seed: i
     return make_vlm_inputs(model, family, batch_size=batch_size, seed=seed)
 
 
+def perturb_adapter(model, prefix: str, scale: float = 0.1) -> None:
+    """Deterministic noise on every adapter tensor: zero-initialised parts become non-zero, ties are broken."""
+    with torch.no_grad():
+        for index, (name, p) in enumerate(sorted(model.named_parameters())):
+            if prefix in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(index)) * scale)
+
+
 def is_vision_language(family: str) -> bool:
     return family in VLM_FAMILIES or family in ("qwen3_vl_moe", "llama4", "llava_mixtral")
 
@@ -66,7 +74,8 @@ class MethodCase:
     make_config: Callable[[str, int], PeftConfig]  # (family, variant) -> config; variant 1 differs from 0
     has_router_aux_loss: bool
     options: st.SearchStrategy  # dicts of config options, valid or not
-    is_valid: Callable[[dict], bool]  # independent oracle for `options`
+    is_valid: Callable[[dict], bool]  # independent oracle: does the config accept `options`?
+    fits_text_model: Callable[[dict], bool] = lambda options: True  # ... and does it then fit the text family?
 
     @property
     def prefix(self) -> str:
@@ -86,12 +95,20 @@ def _moextend_valid(options: dict) -> bool:
     layers = options.get("target_layers")
     return (
         options.get("num_new_experts", 1) >= 1
-        and (layers is None or (len(layers) > 0 and all(0 <= i < 2 for i in layers)))
-        and (not isinstance(options.get("expert_init"), int) or 0 <= options["expert_init"] < 4)
+        and (layers is None or (len(layers) > 0 and all(i >= 0 for i in layers)))
+        and (not isinstance(options.get("expert_init"), int) or options["expert_init"] >= 0)
         and options.get("router_aux_loss_coef", 0.0) >= 0
         and options.get("calibration_hidden_size", 16) >= 1
         and options.get("restrict_to_modalities", None) != []
         and set(options.get("restrict_to_modalities") or ()) <= {"text", "image", "video", "audio"}
+    )
+
+
+def _moextend_fits_tiny_mixtral(options: dict) -> bool:
+    """The tiny Mixtral has MoE layers 0 and 1 with 4 experts each."""
+    layers = options.get("target_layers") or []
+    return all(i < 2 for i in layers) and (
+        not isinstance(options.get("expert_init"), int) or options["expert_init"] < 4
     )
 
 
@@ -163,6 +180,7 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=True,
         options=_MOEXTEND_OPTIONS,
         is_valid=_moextend_valid,
+        fits_text_model=_moextend_fits_tiny_mixtral,
     ),
     MethodCase(
         name="smola",

@@ -32,16 +32,9 @@ from conformance.cases import (
     is_vision_language,
     make_batch,
     make_model,
+    perturb_adapter,
 )
 from peft_moextend.callbacks import add_router_aux_loss_logging
-
-
-def perturb_adapter(model, prefix: str, scale: float = 0.1) -> None:
-    """Deterministic noise on every adapter tensor: zero-initialised parts become non-zero, ties are broken."""
-    with torch.no_grad():
-        for index, (name, p) in enumerate(sorted(model.named_parameters())):
-            if prefix in name:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(index)) * scale)
 
 
 def adapter_names(model, prefix: str) -> set[str]:
