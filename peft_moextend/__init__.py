@@ -4,6 +4,7 @@
 `AutoPeftModel*.from_pretrained` and transformers' `load_adapter` work with their configs and adapter folders.
 """
 
+from .callbacks import RouterAuxLossCallback, add_router_aux_loss_logging
 from .hub import install_push_to_hub
 from .moextend import (
     ExtensionPlan,
@@ -23,6 +24,8 @@ install_push_to_hub()
 __version__ = "0.1.0"
 
 __all__ = [
+    "RouterAuxLossCallback",
+    "add_router_aux_loss_logging",
     "ExtensionPlan",
     "MoExtendConfig",
     "MoExtendModel",

@@ -152,6 +152,7 @@ def test_merge_is_refused_with_the_reason():
         ({"r": 0}, "positive integer"),
         ({"router": "hard"}, "router"),
         ({"router_temperature": 0}, "router_temperature"),
+        ({"router_temperature": 1e-40}, "overflow"),
         ({"dropout": 1.0}, "dropout"),
     ],
 )

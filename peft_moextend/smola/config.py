@@ -12,6 +12,7 @@ from ..registration import MoExtendPeftType
 
 MULTIMODAL = "multimodal"
 ROUTERS = ("soft", "top_k")
+MIN_ROUTER_TEMPERATURE = 1e-3
 
 
 @strict_options
@@ -32,7 +33,7 @@ class SMoLAConfig(ExpertConfigMixin, PeftConfig):
         router: `"soft"` (the paper: softmax over the group's experts, every token mixes all of them) or `"top_k"`
             (each token mixes only its `top_k` best experts per group, softmax over those).
         top_k: Experts per token and group for `router="top_k"`; must not exceed the smallest group.
-        router_temperature: Router logits are divided by it before the softmax.
+        router_temperature: Router logits are divided by it before the softmax (at least 1e-3).
         lora_alpha: Scaling numerator: the mixture is scaled by `lora_alpha / r`, as in LoRA.
         dropout: Dropout on the input of the experts.
         target_modules: Modules to adapt (names, or a regex). None: the attention and MLP projections of the
@@ -88,8 +89,11 @@ class SMoLAConfig(ExpertConfigMixin, PeftConfig):
                 raise ValueError(
                     f"`top_k` must be between 1 and the smallest group's size ({smallest}), got {self.top_k!r}."
                 )
-        if not self.router_temperature > 0:
-            raise ValueError(f"`router_temperature` must be > 0, got {self.router_temperature!r}.")
+        if not self.router_temperature >= MIN_ROUTER_TEMPERATURE:
+            raise ValueError(
+                f"`router_temperature` must be >= {MIN_ROUTER_TEMPERATURE} (smaller values overflow the router "
+                f"softmax), got {self.router_temperature!r}."
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
         if self.router_aux_loss_coef < 0:

@@ -148,7 +148,7 @@ def _smola_valid(options: dict) -> bool:
         and all(n >= 1 for n in groups.values())
         and router in ("soft", "top_k")
         and (router == "soft" or 1 <= options.get("top_k", 2) <= min(groups.values(), default=0))
-        and options.get("router_temperature", 1.0) > 0
+        and options.get("router_temperature", 1.0) >= 1e-3
         and 0 <= options.get("dropout", 0.0) < 1
         and options.get("router_aux_loss_coef", 1e-3) >= 0
     )
