@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
-import statistics
-import time
 
 import torch
+from common import in_subprocess, measure_steps
 
 
 def build(args: argparse.Namespace):
@@ -43,10 +40,10 @@ def build(args: argparse.Namespace):
     return model
 
 
-def run_variant(variant: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = build(args)
-    if variant.startswith("moextend"):
+    if variant == "moextend":
         from peft import get_peft_model
 
         import peft_moextend
@@ -57,38 +54,14 @@ def run_variant(variant: str, args: argparse.Namespace, queue: mp.Queue) -> None
             p.requires_grad_(name.endswith("mlp.gate.weight"))
     batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq))}
     batch["labels"] = batch["input_ids"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params and variant != "base_forward" else None
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, routed_fraction = [], None
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        if optimizer is None:
-            with torch.no_grad():
-                model(**batch)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            optimizer.step()
-        if step > 0:  # step 0 warms up allocators and kernels
-            times.append(time.perf_counter() - start)
-    if variant.startswith("moextend"):
+    result = measure_steps(model, batch, args.steps, train=variant != "base_forward")
+    if variant == "moextend":
         from peft_moextend.moextend import MoExtendLayer
 
         records = [m.routing_record for m in model.modules() if isinstance(m, MoExtendLayer)]
         slots = sum(int(r.dispatch_mask.sum()) for r in records)
-        routed_fraction = sum(int(r.dispatch_mask[:, args.experts :].sum()) for r in records) / slots
-    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    trainable = sum(p.numel() for p in params) if optimizer is not None else 0
-    queue.put(
-        {
-            "variant": variant,
-            "step_s": statistics.median(times),
-            "peak_extra_mib": peak_mib,
-            "trainable": trainable,
-            "new_expert_slot_fraction": routed_fraction,
-        }
-    )
+        result["new_expert_slot_fraction"] = sum(int(r.dispatch_mask[:, args.experts :].sum()) for r in records) / slots
+    return result
 
 
 def main() -> None:
@@ -105,14 +78,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
-    context = mp.get_context("spawn")
-    results = {}
-    for variant in ("base_forward", "base_train_routers", "moextend"):
-        queue = context.Queue()
-        process = context.Process(target=run_variant, args=(variant, args, queue))
-        process.start()
-        results[variant] = queue.get()
-        process.join()
+    results = {v: in_subprocess(run_variant, v, args) for v in ("base_forward", "base_train_routers", "moextend")}
 
     baseline = results["base_train_routers"]
     print(

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from common import in_subprocess, measure_steps
 
 
 def naive_forward(self, x, *args, **kwargs):
@@ -38,7 +35,7 @@ def naive_forward(self, x, *args, **kwargs):
     return result + (delta * self.smola_scaling[adapter]).reshape(*x.shape[:-1], -1)
 
 
-def run_variant(variant: str, experts: int, args: argparse.Namespace, queue: mp.Queue) -> None:
+def run_variant(variant: str, experts: int, args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,34 +66,7 @@ def run_variant(variant: str, experts: int, args: argparse.Namespace, queue: mp.
         SMoLALayer.forward = naive_forward
     batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq))}
     batch["labels"] = batch["input_ids"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for step in range(args.steps + 1):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        optimizer.step()
-        if step > 0:  # step 0 warms up allocators and kernels
-            times.append(time.perf_counter() - start)
-    queue.put(
-        {
-            "step_s": statistics.median(times),
-            "peak_extra_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
-            "trainable": sum(p.numel() for p in params),
-        }
-    )
-
-
-def measure(variant: str, experts: int, args: argparse.Namespace) -> dict:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=run_variant, args=(variant, experts, args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    return measure_steps(model, batch, args.steps)
 
 
 def main() -> None:
@@ -120,7 +90,7 @@ def main() -> None:
     print(f"{'E':>3} {'variant':<24}{'step (s)':>10}{'/ LoRA':>8}{'peak extra MiB':>16}{'/ LoRA':>8}{'trainable':>12}")
     results = {}
     for experts in args.experts:
-        rows = {v: measure(v, experts, args) for v in ("lora", "smola", "naive_loop")}
+        rows = {v: in_subprocess(run_variant, v, experts, args) for v in ("lora", "smola", "naive_loop")}
         results[experts] = rows
         lora = rows["lora"]
         names = {

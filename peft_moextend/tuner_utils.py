@@ -85,6 +85,15 @@ class ExpertTuner(BaseTuner):
             )
         return remapped
 
+    def _install_layer(
+        self, parent: nn.Module, target_name: str, target: nn.Module, new_module: nn.Module, adapter_name: str
+    ) -> None:
+        """Put a freshly created tuner layer in place of `target`; an adapter added while another is active starts
+        frozen, as in PEFT's own tuners."""
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
     def _layers(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls)]
 

@@ -47,3 +47,27 @@ def train_steps(model: nn.Module, batch: dict, steps: int = 3, lr: float = 1e-2)
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+def load_quantized_with_reference(folder: Path, bits: int):
+    """The model saved in `folder` loaded in bitsandbytes `bits`-bit, and an fp32 copy whose quantized linears hold
+    exactly the dequantized weights (what the quantized model computes with)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
+    quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    quantized_modules = dict(quantized.named_modules())
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            q = quantized_modules.get(name)
+            if isinstance(q, bnb.nn.Linear4bit):
+                module.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
+            elif isinstance(q, bnb.nn.Linear8bitLt):
+                module.weight.copy_(q.weight.data.float() * q.weight.SCB.float()[:, None] / 127)
+    return quantized, reference

@@ -12,7 +12,7 @@ from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from safetensors.torch import load_file
 from tiny_models import make_inputs, make_tiny_moe
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 import peft_moextend
 from peft_moextend import MoExtendConfig, MoExtendModel, MoExtendPeftType, register_method
@@ -124,30 +124,3 @@ def test_loading_onto_another_base_names_the_mismatch(trained_adapter, change):
     option = "num_base_experts" if "num_local_experts" in change else "hidden_size"
     with pytest.raises(ValueError, match=option):
         PeftModel.from_pretrained(other, folder)
-
-
-def test_trainer_lowers_loss_and_changes_only_added_parameters(tmp_path):
-    model = make_tiny_moe("qwen2_moe")
-    peft_model = get_peft_model(model, MoExtendConfig(num_new_experts=1))
-    rows = [make_inputs(model, "qwen2_moe", batch_size=1, seed=i % 4) for i in range(32)]
-    dataset = [{k: v[0] for k, v in row.items()} for row in rows]
-    before = snapshot(peft_model)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=24,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=4,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=dataset)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert losses[-1] < losses[0]
-    after = snapshot(peft_model)
-    changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed and all(".moextend_" in n for n in changed)
-    assert any("moextend_router" in n for n in changed) and any("moextend_gate_up_proj" in n for n in changed)

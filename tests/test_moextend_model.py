@@ -271,29 +271,6 @@ def test_merge_is_refused_with_a_clear_error():
         model.merge_and_unload()
 
 
-def test_multiple_adapters_add_switch_disable_delete():
-    base = make_tiny_moe("mixtral")
-    batch = make_inputs(base, "mixtral")
-    with torch.no_grad():
-        expected = base(**batch).logits
-    model = get_peft_model(base, MoExtendConfig(num_new_experts=1))
-    model.add_adapter("second", MoExtendConfig(num_new_experts=2, expert_init=3))
-    with torch.no_grad():
-        first = model(**batch).logits
-        model.set_adapter("second")
-        second = model(**batch).logits
-        assert not torch.allclose(first, second)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert trainable and all(".second" in n for n in trainable)
-        with model.disable_adapter():
-            assert torch.equal(model(**batch).logits, expected)
-        model.set_adapter("default")
-        assert torch.equal(model(**batch).logits, first)
-        model.delete_adapter("second")
-        assert not any(".second" in n for n, _ in model.named_parameters())
-        assert torch.equal(model(**batch).logits, first)
-
-
 def test_unload_restores_the_base_blocks():
     base = make_tiny_moe("qwen2_moe")
     batch = make_inputs(base, "qwen2_moe")

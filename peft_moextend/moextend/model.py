@@ -118,9 +118,7 @@ class MoExtendModel(ExpertTuner):
             return
         new_module = MoExtendLayer(target, family, layer_index, self._forward_context)
         new_module.update_layer(adapter_name, peft_config, source)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._install_layer(parent, target_name, target, new_module, adapter_name)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # BaseTuner's version moves the new module to `child.weight`'s device; an MoE block has no `weight`, and

@@ -48,6 +48,4 @@ class SMoLAModel(ExpertTuner):
             return
         new_module = SMoLALayer(target, current_key, tower_modality(current_key), self._forward_context)
         new_module.update_layer(adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self._install_layer(parent, target_name, target, new_module, adapter_name)

@@ -12,14 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import run_python, snapshot, train_steps
+from helpers import load_quantized_with_reference, run_python, snapshot, train_steps
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    BitsAndBytesConfig,
     Trainer,
     TrainingArguments,
 )
@@ -86,8 +85,11 @@ def test_2_trainer_logs_aux_loss_saves_adapter_only_and_resumes_exactly(case, tm
     family = case.text_family
     torch.manual_seed(0)
     peft_model = get_peft_model(make_model(family), case.make_config(family, 0))
+    before = snapshot(peft_model)
     trainer = _trainer(peft_model, family, tmp_path / "run", max_steps=6)
     trainer.train()
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and changed <= adapter_names(peft_model, case.prefix)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert sum(e["loss"] for e in logs[-2:]) < sum(e["loss"] for e in logs[:2])
     if case.has_router_aux_loss:
@@ -192,21 +194,7 @@ def test_5_quantized_base_gradients_match_dequantized_model(case, bits, tmp_path
     model = make_model(family)
     batch = make_batch(model, family)
     model.save_pretrained(tmp_path)
-    quantization = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-        if bits == 4
-        else BitsAndBytesConfig(load_in_8bit=True)
-    )
-    quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    quantized_modules = dict(quantized.named_modules())
-    with torch.no_grad():
-        for name, module in reference.named_modules():
-            q = quantized_modules.get(name)
-            if isinstance(q, bnb.nn.Linear4bit):
-                module.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
-            elif isinstance(q, bnb.nn.Linear8bitLt):
-                module.weight.copy_(q.weight.data.float() * q.weight.SCB.float()[:, None] / 127)
+    quantized, reference = load_quantized_with_reference(tmp_path, bits)
     quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
     grads = []
     for base in (quantized, reference):
@@ -221,6 +209,8 @@ def test_5_quantized_base_gradients_match_dequantized_model(case, bits, tmp_path
         grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
     layer_cls = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     assert any(isinstance(m, layer_cls) for m in quantized.modules())
+    # the plugin itself protects 4-bit layers from the CPU AVX512-BF16 repacking trap
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in quantized.modules())
     for name, expected in grads[1].items():
         error = (grads[0][name] - expected).norm() / expected.norm().clamp_min(1e-12)
         # 4-bit on CPU dequantizes then runs the fp32 matmul; LLM.int8 also quantizes activations

@@ -1,0 +1,51 @@
+"""Shared measurement code of the overhead benchmarks: one process per variant, median step time, peak RSS."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def in_subprocess(target: Callable[..., dict], *args) -> dict:
+    """Run `target(*args)` in a fresh spawned process (so peak RSS is its own) and return its result dict."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_call, args=(queue, target, args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def _call(queue: mp.Queue, target: Callable[..., dict], args: tuple) -> None:
+    queue.put(target(*args))
+
+
+def measure_steps(model: torch.nn.Module, batch: dict, steps: int, train: bool = True) -> dict:
+    """Median seconds per training step (AdamW on the trainable parameters) or per no-grad forward, and the peak
+    RSS growth in MiB over the steps. Step 0 warms up allocators and kernels and is not timed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if train else None
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        if optimizer is None:
+            with torch.no_grad():
+                model(**batch)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            optimizer.step()
+        if step > 0:
+            times.append(time.perf_counter() - start)
+    return {
+        "step_s": statistics.median(times),
+        "peak_extra_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
+        "trainable": sum(p.numel() for p in params) if train else 0,
+    }
