@@ -5,6 +5,7 @@
 """
 
 from .callbacks import RouterAuxLossCallback, add_router_aux_loss_logging
+from .cmoe import CMoEConfig, CMoEModel
 from .hub import install_push_to_hub
 from .moextend import (
     ExtensionPlan,
@@ -19,11 +20,14 @@ from .smola import SMoLAConfig, SMoLAModel
 
 register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
 register_method(MoExtendPeftType.SMOLA, SMoLAConfig, SMoLAModel)
+register_method(MoExtendPeftType.CMOE, CMoEConfig, CMoEModel)
 install_push_to_hub()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CMoEConfig",
+    "CMoEModel",
     "RouterAuxLossCallback",
     "add_router_aux_loss_logging",
     "ExtensionPlan",

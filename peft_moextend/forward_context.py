@@ -11,8 +11,9 @@ their adapters through transformers' `load_adapter`.
   layers forget their previous routing record.
 - After each call: the routed layers' load-balancing losses are returned as `outputs.router_aux_loss` and, when
   labels were given, added to `outputs.loss` with each adapter's `router_aux_loss_coef`.
-- The model's `forward` signature gains a `modality_ids` keyword so that the `Trainer` keeps a `modality_ids`
-  dataset column instead of silently dropping it (it keeps only columns named in the signature).
+- The model's `forward` signature gains `modality_ids` and `task` keywords so that the `Trainer` keeps such dataset
+  columns instead of silently dropping them (it keeps only columns named in the signature). `task` (a task name,
+  or one per sample) selects CMoE's task router; it is kept for the decoding steps of a cached `generate()`.
 Values stay set until the next call so that gradient-checkpointing recomputation sees them.
 """
 
@@ -53,6 +54,11 @@ class ForwardContext:
         self.attention_mask: torch.Tensor | None = None
         self.required_modalities: set[str] = set()
         self._routed_layers: list[nn.Module] = []
+        # CMoE: the `task` keyword of the call, whether it continues a cached generation, and the resolved
+        # per-sample task indices (kept across the decoding steps of one generate())
+        self.task_request: str | list[str] | None = None
+        self.is_continuation = False
+        self.task_ids: torch.Tensor | None = None
         self.training_aux_losses: list[torch.Tensor] = []  # read and cleared by RouterAuxLossCallback
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         model.register_forward_hook(self._after_forward, with_kwargs=True)
@@ -60,6 +66,11 @@ class ForwardContext:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         explicit = kwargs.pop("modality_ids", None)
+        self.task_request = kwargs.pop("task", None)
+        cache = kwargs.get("past_key_values")
+        self.is_continuation = bool(cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length())
+        if not self.is_continuation:
+            self.task_ids = None
         input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if explicit is not None:
@@ -143,9 +154,10 @@ def _add_modality_ids_to_forward_signature(model: nn.Module) -> None:
         return
     parameters = list(signature.parameters.values())
     position = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
-    parameters.insert(position, inspect.Parameter("modality_ids", inspect.Parameter.KEYWORD_ONLY, default=None))
+    for name in ("task", "modality_ids"):
+        parameters.insert(position, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
 
-    def forward(self, *args, modality_ids=None, **kwargs):
+    def forward(self, *args, modality_ids=None, task=None, **kwargs):
         return class_forward(self, *args, **kwargs)
 
     forward.__signature__ = signature.replace(parameters=parameters)

@@ -21,6 +21,7 @@ class MoExtendPeftType(str, enum.Enum):
 
     MOEXTEND = "MOEXTEND"
     SMOLA = "SMOLA"
+    CMOE = "CMOE"
 
     def __str__(self) -> str:
         return self.value

@@ -17,7 +17,7 @@ from tiny_models import MOE_FAMILIES, make_inputs, make_tiny_moe
 from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from peft_moextend import MoExtendConfig, MoExtendPeftType, SMoLAConfig
+from peft_moextend import CMoEConfig, MoExtendConfig, MoExtendPeftType, SMoLAConfig
 
 
 def make_llama(seed: int = 0) -> PreTrainedModel:
@@ -169,6 +169,36 @@ _SMOLA_OPTIONS = st.fixed_dictionaries(
     },
 )
 
+
+def _cmoe_config(family: str, variant: int) -> CMoEConfig:
+    task = [{"name": "first", "layers": None}]
+    if variant == 0:
+        return CMoEConfig(r=2, experts_per_task=2, tasks=task)
+    return CMoEConfig(r=3, experts_per_task=1, locator="gaussian", tasks=task)
+
+
+def _cmoe_valid(options: dict) -> bool:
+    return (
+        options.get("r", 8) >= 1
+        and options.get("experts_per_task", 2) >= 1
+        and 0 <= options.get("probe_threshold", 0.2) <= 1
+        and options.get("locator", "vae") in ("vae", "gaussian")
+        and options.get("locator_latent_size", 16) >= 1
+    )
+
+
+_CMOE_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "r": st.integers(-1, 4),
+        "experts_per_task": st.integers(0, 3),
+        "probe_threshold": st.floats(-0.5, 1.5, allow_nan=False),
+        "locator": st.sampled_from(["vae", "gaussian", "knn"]),
+        "locator_latent_size": st.integers(0, 8),
+        "lora_alpha": st.floats(0.5, 32.0),
+    },
+)
+
 CASES: tuple[MethodCase, ...] = (
     MethodCase(
         name="moextend",
@@ -192,6 +222,17 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=True,
         options=_SMOLA_OPTIONS,
         is_valid=_smola_valid,
+    ),
+    MethodCase(
+        name="cmoe",
+        peft_type=MoExtendPeftType.CMOE,
+        families=("llama", "llava", "qwen2_vl", "mixtral"),
+        text_family="llama",
+        vision_family="llava",
+        make_config=_cmoe_config,
+        has_router_aux_loss=False,
+        options=_CMOE_OPTIONS,
+        is_valid=_cmoe_valid,
     ),
 )
 

@@ -1,0 +1,76 @@
+"""Configuration of LLaVA-CMoE: continual mixture of low-rank experts with probe-guided expansion and a task
+locator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from ..config_utils import ExpertConfigMixin, strict_options
+from ..registration import MoExtendPeftType
+
+LOCATORS = ("vae", "gaussian")
+
+
+@strict_options
+@dataclass
+class CMoEConfig(ExpertConfigMixin, PeftConfig):
+    """Configuration of [`CMoEModel`] (LLaVA-CMoE, 2025: replay-free continual instruction tuning).
+
+    Tasks arrive one after another (`model.base_model.add_task(name, probe_data=...)`). Each task adds
+    `experts_per_task` rank-`r` experts to the target layers chosen by its probes and owns a router over every expert
+    that exists in the layer when it is trained; earlier tasks' experts and routers are frozen, so their outputs
+    never change. At inference a locator (one density model of the input representation per task) picks each
+    sample's task router when no task is given.
+
+    Args:
+        r: Rank of every expert.
+        experts_per_task: Experts a task adds to each layer it extends.
+        lora_alpha: Expert outputs are scaled by `lora_alpha / r`.
+        target_modules: Linear layers that may receive experts; None: the language model's attention and MLP
+            projections.
+        probe_threshold: PGKE: a layer gets the new task's experts only if the probe expert's routing share there
+            (its mean gate over the probe tokens) exceeds this value; elsewhere the task reuses old experts.
+        probe_steps: Training steps of the probe experts on the probe data.
+        probe_learning_rate: Learning rate of the probe training.
+        locator: "vae" (a small VAE per task, lowest reconstruction error wins, as in the paper) or "gaussian"
+            (a diagonal Gaussian per task, highest likelihood wins).
+        locator_latent_size: Latent size of each task's VAE.
+        locator_epochs: Training epochs of each task's VAE.
+        tasks: Filled in by `add_task`: `[{"name": ..., "layers": [extended module names]}, ...]` in order. Saved
+            with the adapter so that loading rebuilds every task.
+    """
+
+    method_name = "CMoE"
+
+    r: int = field(default=8, metadata={"help": "Rank of every expert."})
+    experts_per_task: int = field(default=2, metadata={"help": "Experts a task adds to each layer it extends."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Expert outputs are scaled by lora_alpha / r."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Layers that may receive experts; None = the language model's projections."}
+    )
+    probe_threshold: float = field(default=0.2, metadata={"help": "PGKE routing-share threshold."})
+    probe_steps: int = field(default=10, metadata={"help": "Training steps of the probe experts."})
+    probe_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the probe training."})
+    locator: str = field(default="vae", metadata={"help": "'vae' (paper) or 'gaussian'."})
+    locator_latent_size: int = field(default=16, metadata={"help": "Latent size of each task's VAE."})
+    locator_epochs: int = field(default=200, metadata={"help": "Training epochs of each task's VAE."})
+    tasks: list[dict] = field(default_factory=list, metadata={"help": "Filled in by add_task; do not set."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = MoExtendPeftType.CMOE
+        for option in ("r", "experts_per_task", "probe_steps", "locator_latent_size", "locator_epochs"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if option == "probe_steps" else 1):
+                raise ValueError(f"`{option}` must be a positive integer, got {value!r}.")
+        if not 0 <= self.probe_threshold <= 1:
+            raise ValueError(f"`probe_threshold` must be in [0, 1], got {self.probe_threshold!r}.")
+        if not self.probe_learning_rate > 0:
+            raise ValueError(f"`probe_learning_rate` must be > 0, got {self.probe_learning_rate!r}.")
+        if self.locator not in LOCATORS:
+            raise ValueError(f"`locator` must be one of {LOCATORS}, got {self.locator!r}.")
+        names = [task.get("name") for task in self.tasks]
+        if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"`tasks` must have unique, non-empty names, got {names}.")

@@ -1,0 +1,174 @@
+"""CMoE tuner: tasks added over time (PGKE decides where experts go), a task locator (PTL) for inference."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..targets import default_language_model_targets
+from ..tuner_utils import ExpertTuner
+from .config import CMoEConfig
+from .layer import CMoELayer
+from .locator import fit_task_model, task_scores
+
+
+class CMoEModel(ExpertTuner):
+    """Continual mixture of low-rank experts (LLaVA-CMoE) on the linear layers of a transformers model.
+
+    `add_task(name, probe_data=None)` adds a task (its experts become the trainable parameters; all earlier tasks
+    are frozen); `fit_locator(name, batches)` fits the task's density model. `forward`/`generate` accept
+    `task="name"` (or one name per sample); without it, the locator picks each sample's task.
+    """
+
+    prefix: str = "cmoe_"
+    tuner_layer_cls = CMoELayer
+    method_name = "CMoE"
+    merge_refusal = "each sample is routed to its own task's experts, so no single weight update equals the adapter."
+
+    def _prepare_model(self, peft_config: CMoEConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_language_model_targets(model)
+
+    def _create_and_replace(
+        self,
+        peft_config: CMoEConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, CMoELayer):
+            layer = target
+        else:
+            is_first = not any(isinstance(m, CMoELayer) for m in self.model.modules())
+            layer = CMoELayer(target, current_key, self._forward_context, is_locator=is_first)
+            self._install_layer(parent, target_name, target, layer, adapter_name)
+        layer.cmoe_settings[adapter_name] = peft_config
+        layer.cmoe_experts.setdefault(adapter_name, [])
+        for index, task in enumerate(peft_config.tasks):  # rebuild saved tasks (loading)
+            layer.add_task(adapter_name, peft_config, extend=task["layers"] is None or current_key in task["layers"])
+            if layer.is_locator and task.get("locator"):
+                layer.add_locator_placeholder(adapter_name, index)
+
+    # -- tasks -------------------------------------------------------------------------------------------------
+    def _adapter(self, adapter_name: str | None) -> tuple[str, CMoEConfig]:
+        name = adapter_name or self.active_adapters[0]
+        return name, self.peft_config[name]
+
+    def _task_index(self, config: CMoEConfig, task: str) -> int:
+        names = [t["name"] for t in config.tasks]
+        if task not in names:
+            raise ValueError(f"Unknown task {task!r}; this adapter's tasks are {names}.")
+        return names.index(task)
+
+    def add_task(
+        self, name: str, probe_data: Iterable[dict[str, torch.Tensor]] | None = None, adapter_name: str | None = None
+    ) -> dict:
+        """Add task `name`. With `probe_data` (batches with labels), PGKE attaches one probe expert per layer,
+        trains the probes for `probe_steps` batches and extends only the layers whose probe's routing share exceeds
+        `probe_threshold`; without it, every layer is extended. Returns `{"extended_layers": [...],
+        "probe_shares": {layer: share}}`."""
+        adapter_name, config = self._adapter(adapter_name)
+        if any(t["name"] == name for t in config.tasks):
+            raise ValueError(f"Task {name!r} already exists; task names must be unique.")
+        layers = {m.module_name: m for m in self._layers() if adapter_name in m.cmoe_experts}
+        shares: dict[str, float] = {}
+        if probe_data is not None and config.probe_steps > 0:
+            shares = self._probe(adapter_name, config, layers, probe_data)
+            chosen = [key for key, share in shares.items() if share > config.probe_threshold]
+        else:
+            chosen = list(layers)
+        config.tasks.append({"name": name, "layers": sorted(chosen)})
+        for key, layer in layers.items():
+            layer.add_task(adapter_name, config, extend=key in chosen)
+        return {"extended_layers": sorted(chosen), "probe_shares": shares}
+
+    def _probe(self, adapter_name: str, config: CMoEConfig, layers: dict[str, CMoELayer], batches) -> dict:
+        """Train one probe expert per layer as a temporary task; return each layer's mean gate on its probe."""
+        experts_per_task, config.experts_per_task = config.experts_per_task, 1
+        config.tasks.append({"name": "__probe__", "layers": None})
+        try:
+            for layer in layers.values():
+                layer.add_task(adapter_name, config, extend=True)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=config.probe_learning_rate)
+            was_training = self.model.training
+            self.model.train()
+            batches = list(itertools.islice(batches, config.probe_steps))
+            for batch in tqdm(batches, desc="PGKE probes", leave=False):
+                optimizer.zero_grad()
+                self.model(**batch).loss.backward()
+                optimizer.step()
+            shares = {key: [] for key in layers}
+            hooks = [
+                layer.register_forward_hook(self._share_hook(adapter_name, key, shares))
+                for key, layer in layers.items()
+            ]
+            with torch.no_grad():
+                for batch in batches:
+                    self.model(**{k: v for k, v in batch.items() if k != "labels"})
+            for hook in hooks:
+                hook.remove()
+            self.model.train(was_training)
+        finally:
+            config.experts_per_task = experts_per_task
+            config.tasks.pop()
+            for layer in layers.values():
+                layer.remove_last_task(adapter_name)
+                layer.set_adapter(layer.active_adapters)
+        return {key: float(torch.tensor(values).mean()) for key, values in shares.items()}
+
+    @staticmethod
+    def _share_hook(adapter_name: str, key: str, shares: dict):
+        def hook(layer: CMoELayer, args: tuple, output: torch.Tensor) -> None:
+            task = len(layer.cmoe_experts[adapter_name]) - 1
+            router = getattr(layer, f"cmoe_router_{task}")[adapter_name]
+            tokens = args[0].reshape(-1, args[0].shape[-1]).to(router.dtype)
+            shares[key].append(float(torch.softmax(tokens @ router.T, dim=-1)[:, -1].mean()))
+
+        return hook
+
+    # -- task locator ------------------------------------------------------------------------------------------
+    def _locator_layer(self, adapter_name: str) -> CMoELayer:
+        return next(m for m in self._layers() if m.is_locator and adapter_name in m.cmoe_experts)
+
+    @torch.no_grad()
+    def _pooled(self, adapter_name: str, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """`(samples, features)` pooled inputs of the locator layer (no adapter precedes it)."""
+        layer = self._locator_layer(adapter_name)
+        pooled = []
+        hook = layer.register_forward_pre_hook(lambda m, args: pooled.append(m.pooled_inputs(args[0])))
+        try:
+            with self._disabled_adapters():
+                for batch in batches:
+                    self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
+            hook.remove()
+        return torch.cat(pooled)
+
+    def fit_locator(self, task: str, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None):
+        """Fit task `task`'s density model (PTL) on `batches` of that task's inputs."""
+        adapter_name, config = self._adapter(adapter_name)
+        index = self._task_index(config, task)
+        vector = fit_task_model(
+            config.locator, self._pooled(adapter_name, batches), config.locator_latent_size, config.locator_epochs
+        )
+        layer = self._locator_layer(adapter_name)
+        layer.set_locator(adapter_name, index, vector.to(next(layer.base_layer.parameters()).device))
+        config.tasks[index]["locator"] = True
+
+    def locate(self, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None) -> list[str]:
+        """The task the locator picks for every sample of `batches`."""
+        adapter_name, config = self._adapter(adapter_name)
+        layer = self._locator_layer(adapter_name)
+        names = [t["name"] for t in config.tasks]
+        models = [getattr(layer, f"cmoe_locator_{k}")[adapter_name] for k in range(len(names))]
+        scores = task_scores(config.locator, self._pooled(adapter_name, batches), models, config.locator_latent_size)
+        return [names[i] for i in scores.argmax(dim=-1).tolist()]
