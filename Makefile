@@ -23,3 +23,5 @@ test: install
 
 bench: install
 	$(PY) benchmarks/moextend_overhead.py
+	$(PY) benchmarks/smola_overhead.py
+	$(PY) benchmarks/continual_cmoe.py
