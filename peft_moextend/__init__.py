@@ -7,6 +7,7 @@
 from .callbacks import RouterAuxLossCallback, add_router_aux_loss_logging
 from .cmoe import CMoEConfig, CMoEModel
 from .hub import install_push_to_hub
+from .modex import ModeXConfig, ModeXModel
 from .moextend import (
     ExtensionPlan,
     MoExtendConfig,
@@ -21,11 +22,14 @@ from .smola import SMoLAConfig, SMoLAModel
 register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
 register_method(MoExtendPeftType.SMOLA, SMoLAConfig, SMoLAModel)
 register_method(MoExtendPeftType.CMOE, CMoEConfig, CMoEModel)
+register_method(MoExtendPeftType.MODEX, ModeXConfig, ModeXModel)
 install_push_to_hub()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ModeXConfig",
+    "ModeXModel",
     "CMoEConfig",
     "CMoEModel",
     "RouterAuxLossCallback",

@@ -22,6 +22,7 @@ class MoExtendPeftType(str, enum.Enum):
     MOEXTEND = "MOEXTEND"
     SMOLA = "SMOLA"
     CMOE = "CMOE"
+    MODEX = "MODEX"
 
     def __str__(self) -> str:
         return self.value

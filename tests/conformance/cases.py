@@ -17,7 +17,7 @@ from tiny_models import MOE_FAMILIES, make_inputs, make_tiny_moe
 from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from peft_moextend import CMoEConfig, MoExtendConfig, MoExtendPeftType, SMoLAConfig
+from peft_moextend import CMoEConfig, ModeXConfig, MoExtendConfig, MoExtendPeftType, SMoLAConfig
 
 
 def make_llama(seed: int = 0) -> PreTrainedModel:
@@ -199,6 +199,39 @@ _CMOE_OPTIONS = st.fixed_dictionaries(
     },
 )
 
+
+def _modex_config(family: str, variant: int) -> ModeXConfig:
+    if variant == 1:
+        return ModeXConfig(bottleneck_size=8, experts={"first": None, "second": None}, train_layer_norms=False)
+    if is_vision_language(family):
+        return ModeXConfig()
+    return ModeXConfig(experts={"text": ["text"], "cross_modal": None})
+
+
+def _modex_valid(options: dict) -> bool:
+    experts = options.get("experts", {"text": ["text"], "cross_modal": None})
+    return (
+        options.get("bottleneck_size", 16) >= 1
+        and options.get("router_temperature", 10.0) >= 1e-3
+        and bool(experts)
+        and all(m is None or (m and set(m) <= {"text", "image", "video", "audio"}) for m in experts.values())
+    )
+
+
+_MODEX_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "bottleneck_size": st.integers(-1, 8),
+        "router_temperature": st.floats(-1.0, 20.0, allow_nan=False),
+        "train_layer_norms": st.booleans(),
+        "experts": st.dictionaries(
+            st.sampled_from(["text", "visual", "cross"]),
+            st.none() | st.lists(st.sampled_from(["text", "image", "smell"]), max_size=2),
+            max_size=3,
+        ),
+    },
+)
+
 CASES: tuple[MethodCase, ...] = (
     MethodCase(
         name="moextend",
@@ -233,6 +266,17 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=False,
         options=_CMOE_OPTIONS,
         is_valid=_cmoe_valid,
+    ),
+    MethodCase(
+        name="modex",
+        peft_type=MoExtendPeftType.MODEX,
+        families=("llama", "llava", "qwen2_vl", "mixtral"),
+        text_family="llama",
+        vision_family="llava",
+        make_config=_modex_config,
+        has_router_aux_loss=False,
+        options=_MODEX_OPTIONS,
+        is_valid=_modex_valid,
     ),
 )
 
