@@ -16,6 +16,7 @@ from .moextend import (
     plan_extension,
     tune_routers_and_plan,
 )
+from .pathweave import PathWeaveConfig, PathWeaveModel
 from .registration import MoExtendPeftType, register_method
 from .smola import SMoLAConfig, SMoLAModel
 
@@ -23,11 +24,14 @@ register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
 register_method(MoExtendPeftType.SMOLA, SMoLAConfig, SMoLAModel)
 register_method(MoExtendPeftType.CMOE, CMoEConfig, CMoEModel)
 register_method(MoExtendPeftType.MODEX, ModeXConfig, ModeXModel)
+register_method(MoExtendPeftType.PATHWEAVE, PathWeaveConfig, PathWeaveModel)
 install_push_to_hub()
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PathWeaveConfig",
+    "PathWeaveModel",
     "ModeXConfig",
     "ModeXModel",
     "CMoEConfig",

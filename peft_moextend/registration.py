@@ -23,6 +23,7 @@ class MoExtendPeftType(str, enum.Enum):
     SMOLA = "SMOLA"
     CMOE = "CMOE"
     MODEX = "MODEX"
+    PATHWEAVE = "PATHWEAVE"
 
     def __str__(self) -> str:
         return self.value

@@ -17,7 +17,7 @@ from tiny_models import MOE_FAMILIES, make_inputs, make_tiny_moe
 from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from peft_moextend import CMoEConfig, ModeXConfig, MoExtendConfig, MoExtendPeftType, SMoLAConfig
+from peft_moextend import CMoEConfig, ModeXConfig, MoExtendConfig, MoExtendPeftType, PathWeaveConfig, SMoLAConfig
 
 
 def make_llama(seed: int = 0) -> PreTrainedModel:
@@ -232,6 +232,32 @@ _MODEX_OPTIONS = st.fixed_dictionaries(
     },
 )
 
+
+def _pathweave_config(family: str, variant: int) -> PathWeaveConfig:
+    first = "image" if is_vision_language(family) else "text"
+    if variant == 0:
+        return PathWeaveConfig(r=4, modalities=[first])
+    return PathWeaveConfig(r=2, modalities=[first])
+
+
+def _pathweave_valid(options: dict) -> bool:
+    modalities = options.get("modalities", ["image"])
+    return (
+        options.get("r", 8) >= 1
+        and bool(modalities)
+        and len(set(modalities)) == len(modalities)
+        and set(modalities) <= {"text", "image", "video", "audio"}
+    )
+
+
+_PATHWEAVE_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "r": st.integers(-1, 4),
+        "modalities": st.lists(st.sampled_from(["text", "image", "smell"]), max_size=3),
+    },
+)
+
 CASES: tuple[MethodCase, ...] = (
     MethodCase(
         name="moextend",
@@ -277,6 +303,17 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=False,
         options=_MODEX_OPTIONS,
         is_valid=_modex_valid,
+    ),
+    MethodCase(
+        name="pathweave",
+        peft_type=MoExtendPeftType.PATHWEAVE,
+        families=("llama", "llava", "qwen2_vl", "mixtral"),
+        text_family="llama",
+        vision_family="llava",
+        make_config=_pathweave_config,
+        has_router_aux_loss=False,
+        options=_PATHWEAVE_OPTIONS,
+        is_valid=_pathweave_valid,
     ),
 )
 

@@ -1,0 +1,121 @@
+"""PathWeave tuner layer: uni-modal adapters added modality by modality, with adapter-in-adapters and gates.
+
+Einstein notation: t - tokens, i - in features, o - out features, r - rank, a - adapters (modalities so far).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from ..forward_context import ForwardContext
+from ..modality import modality_index
+from ..quantization import linear_features
+from .config import PathWeaveConfig
+
+_KINDS = ("down", "up", "scale", "inadapter", "gate")
+
+
+class PathWeaveLayer(nn.Module, BaseTunerLayer):
+    """A linear `base_layer` plus, per adapter and modality stage k (the k-th modality added):
+
+    `pathweave_down_k` `(r, i)`, `pathweave_up_k` `(o, r)` (zero), `pathweave_scale_k` `(1,)` (one) — the uni-modal
+    adapter; for k > 0 also `pathweave_inadapter_k` `(k, r, r)` (zero) — the in-adapters of the k older adapters for
+    this modality — and `pathweave_gate_k` `(k+1, i)` (zero) — the gate over all k+1 adapters. Tokens of modality k
+    get `sum_j g_j * s_j * up_j(h_j + h_j W_kj^T)` with `h_j = down_j x`; text tokens get nothing.
+    """
+
+    def __init__(self, base_layer: nn.Module, module_name: str, tower_modality: str | None, context: ForwardContext):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = linear_features(base_layer, module_name, "PathWeave")
+        self.tower_modality = tower_modality
+        self._context = context
+        self.adapter_layer_names: tuple[str, ...] = ()
+        self.other_param_names: tuple[str, ...] = ("pathweave_modalities",)
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self.pathweave_modalities: dict[str, list[str]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def _container(self, kind: str, stage: int) -> nn.ParameterDict:
+        name = f"pathweave_{kind}_{stage}"
+        if not hasattr(self, name):
+            self.add_module(name, nn.ParameterDict())
+            self.adapter_layer_names = (*self.adapter_layer_names, name)
+        return getattr(self, name)
+
+    def add_modality(self, adapter_name: str, modality: str, config: PathWeaveConfig) -> None:
+        """Stage k = the next modality: freeze stages < k, add its adapter, in-adapters and gate."""
+        modalities = self.pathweave_modalities.setdefault(adapter_name, [])
+        stage = len(modalities)
+        device = next(self.base_layer.parameters()).device
+        down = torch.empty(config.r, self.in_features)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        self._container("down", stage)[adapter_name] = nn.Parameter(down.to(device))
+        self._container("up", stage)[adapter_name] = nn.Parameter(
+            torch.zeros(self.out_features, config.r, device=device)
+        )
+        self._container("scale", stage)[adapter_name] = nn.Parameter(torch.ones(1, device=device))
+        if stage:
+            self._container("inadapter", stage)[adapter_name] = nn.Parameter(
+                torch.zeros(stage, config.r, config.r, device=device)
+            )
+            self._container("gate", stage)[adapter_name] = nn.Parameter(
+                torch.zeros(stage + 1, self.in_features, device=device)
+            )
+        modalities.append(modality)
+        if modality != "text" and self.tower_modality is None:
+            self._context.required_modalities.add(modality)
+        self.frozen_peft_weight_names[adapter_name] = tuple(
+            f"pathweave_{kind}_{k}" for k in range(stage) for kind in _KINDS
+        )
+        self.set_adapter(self.active_adapters)
+
+    def _stage_delta(self, adapter: str, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """`(t, o)` output of modality stage `stage` for its tokens `x` `(t, i)`."""
+        downs = torch.stack([getattr(self, f"pathweave_down_{k}")[adapter] for k in range(stage + 1)])  # (a, r, i)
+        ups = torch.stack([getattr(self, f"pathweave_up_{k}")[adapter] for k in range(stage + 1)])  # (a, o, r)
+        scales = torch.cat([getattr(self, f"pathweave_scale_{k}")[adapter] for k in range(stage + 1)])  # (a,)
+        x = x.to(downs.dtype)
+        hidden = torch.einsum("ti,ari->tar", x, downs)  # (t, a, r)
+        if stage:
+            inadapters = getattr(self, f"pathweave_inadapter_{stage}")[adapter]  # (a-1, r, r)
+            old = hidden[:, :stage]
+            hidden = torch.cat([old + torch.einsum("tar,aqr->taq", old, inadapters), hidden[:, stage:]], dim=1)
+        out = torch.einsum("tar,aor->tao", hidden, ups) * scales[None, :, None]  # (t, a, o)
+        if not stage:
+            return out[:, 0]
+        gates = torch.softmax(F.linear(x, getattr(self, f"pathweave_gate_{stage}")[adapter]), dim=-1)  # (t, a)
+        return (gates.unsqueeze(-1) * out).sum(1)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """x: `(..., i)`; returns `(..., o)`."""
+        result = self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if self.pathweave_modalities.get(a)]
+        if self.disable_adapters or self.merged or not active:
+            return result
+        tokens = x.reshape(-1, x.shape[-1])
+        if self.tower_modality is not None:
+            token_modality = torch.full((tokens.shape[0],), modality_index(self.tower_modality), device=x.device)
+        else:
+            token_modality = self._context.token_modality_ids(tokens.shape[0])
+            if token_modality is None:
+                raise ValueError(
+                    "PathWeave needs the modality of every token of this call: pass `input_ids` with the model's "
+                    "placeholder tokens, or an explicit integer `modality_ids` tensor of shape (batch, seq)."
+                )
+        delta = torch.zeros(tokens.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        for adapter in active:
+            for stage, modality in enumerate(self.pathweave_modalities[adapter]):  # loop over modalities present
+                rows = token_modality == modality_index(modality)
+                if bool(rows.any()):
+                    delta[rows] += self._stage_delta(adapter, stage, tokens[rows])
+        return result + delta.reshape(*result.shape[:-1], -1).to(result.dtype)
+
+    def __repr__(self) -> str:
+        return "pathweave." + super().__repr__()

@@ -1,0 +1,63 @@
+"""PathWeave tuner: uni-modal adapters on target linears, extended modality by modality."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..modality import tower_modality, validate_modalities
+from ..targets import default_language_model_targets
+from ..tuner_utils import ExpertTuner
+from .config import PathWeaveConfig
+from .layer import PathWeaveLayer
+
+
+class PathWeaveModel(ExpertTuner):
+    """Adapter-in-adapter modality extension (PathWeave) on the linear layers of a transformers model.
+
+    `get_peft_model(model, PathWeaveConfig(modalities=["image"]))` creates the first modality's adapters;
+    `model.base_model.add_modality("audio")` adds the next stage (earlier stages freeze). Tokens use the path of
+    their modality (shared modality masks); text tokens keep the base computation.
+    """
+
+    prefix: str = "pathweave_"
+    tuner_layer_cls = PathWeaveLayer
+    method_name = "PathWeave"
+    merge_refusal = "each modality's tokens take their own gated path, so no single weight update equals the adapter."
+
+    def _prepare_model(self, peft_config: PathWeaveConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_language_model_targets(model)
+
+    def _create_and_replace(
+        self,
+        peft_config: PathWeaveConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        layer = target
+        if not isinstance(target, PathWeaveLayer):
+            layer = PathWeaveLayer(target, current_key, tower_modality(current_key), self._forward_context)
+            self._install_layer(parent, target_name, target, layer, adapter_name)
+        for modality in peft_config.modalities:
+            layer.add_modality(adapter_name, modality, peft_config)
+
+    def add_modality(self, modality: str, adapter_name: str | None = None) -> dict:
+        """Add the next modality stage; returns `{"trainable": n, "fraction_of_base": f}` for the new stage."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        validate_modalities([modality], "modality")
+        if modality in config.modalities:
+            raise ValueError(f"Modality {modality!r} was already added (modalities so far: {config.modalities}).")
+        config.modalities.append(modality)
+        for layer in self._layers():
+            if adapter_name in layer.pathweave_modalities:
+                layer.add_modality(adapter_name, modality, config)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        base = sum(p.numel() for n, p in self.model.named_parameters() if self.prefix not in n)
+        return {"trainable": trainable, "fraction_of_base": trainable / base}
