@@ -25,3 +25,4 @@ bench: install
 	$(PY) benchmarks/moextend_overhead.py
 	$(PY) benchmarks/smola_overhead.py
 	$(PY) benchmarks/continual_cmoe.py
+	$(PY) benchmarks/adapter_overhead.py

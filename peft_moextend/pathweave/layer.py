@@ -109,12 +109,20 @@ class PathWeaveLayer(nn.Module, BaseTunerLayer):
                     "PathWeave needs the modality of every token of this call: pass `input_ids` with the model's "
                     "placeholder tokens, or an explicit integer `modality_ids` tensor of shape (batch, seq)."
                 )
-        delta = torch.zeros(tokens.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        delta = None
         for adapter in active:
             for stage, modality in enumerate(self.pathweave_modalities[adapter]):  # loop over modalities present
                 rows = token_modality == modality_index(modality)
-                if bool(rows.any()):
+                if not bool(rows.any()):
+                    continue
+                if delta is None:
+                    delta = torch.zeros(tokens.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+                if bool(rows.all()):  # a single-modality call: no gather/scatter
+                    delta = delta + self._stage_delta(adapter, stage, tokens)
+                else:
                     delta[rows] += self._stage_delta(adapter, stage, tokens[rows])
+        if delta is None:
+            return result
         return result + delta.reshape(*result.shape[:-1], -1).to(result.dtype)
 
     def __repr__(self) -> str:
