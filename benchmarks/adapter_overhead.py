@@ -14,25 +14,13 @@ import argparse
 import json
 
 import torch
-from common import in_subprocess, measure_steps
+from common import build_llama, in_subprocess, measure_steps
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(args: argparse.Namespace):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=args.seq,
-    )
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return build_llama(args.hidden, args.layers, args.seq, args.vocab)
 
 
 def method_config(method: str):

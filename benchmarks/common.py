@@ -49,3 +49,20 @@ def measure_steps(model: torch.nn.Module, batch: dict, steps: int, train: bool =
         "peak_extra_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024,
         "trainable": sum(p.numel() for p in params) if train else 0,
     }
+
+
+def build_llama(hidden: int, layers: int, seq: int, vocab: int):
+    """A randomly initialised Llama of the given size (seeded), sdpa attention, float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=seq,
+    )
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)

@@ -15,7 +15,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from common import in_subprocess, measure_steps
+from common import build_llama, in_subprocess, measure_steps
 
 
 def naive_forward(self, x, *args, **kwargs):
@@ -37,23 +37,12 @@ def naive_forward(self, x, *args, **kwargs):
 
 def run_variant(variant: str, experts: int, args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import peft_moextend
     from peft_moextend.smola import SMoLALayer
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=args.seq,
-    )
-    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = build_llama(args.hidden, args.layers, args.seq, args.vocab)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if variant == "lora":
         peft_config = LoraConfig(r=experts * args.rank, lora_alpha=2 * experts * args.rank, target_modules=targets)

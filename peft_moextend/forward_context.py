@@ -138,6 +138,22 @@ class ForwardContext:
             return None
         return self.modality_ids.reshape(-1)
 
+    def layer_modality_ids(
+        self, num_tokens: int, tower_modality: str | None, device: torch.device, method: str
+    ) -> torch.Tensor:
+        """`(num_tokens,)` modality id of every token a layer sees: its tower's modality inside a vision/audio tower,
+        else the call's per-position ids; a clear error when they are unknown."""
+        if tower_modality is not None:
+            return torch.full((num_tokens,), MODALITIES.index(tower_modality), device=device)
+        modality_ids = self.token_modality_ids(num_tokens)
+        if modality_ids is None:
+            raise ValueError(
+                f"{method} needs the modality of each of the {num_tokens} tokens of this layer, but it is unknown for "
+                "this call: pass `input_ids` (with the model's placeholder tokens) or an explicit integer "
+                "`modality_ids` tensor of shape (batch, seq) to the model's forward/generate."
+            )
+        return modality_ids.to(device)
+
     def token_attention_mask(self, num_tokens: int) -> torch.Tensor | None:
         """Flattened `(num_tokens,)` bool mask of non-padding tokens, or None when unknown / not matching."""
         mask = self.attention_mask

@@ -15,6 +15,7 @@ from torch import nn
 
 from .forward_context import ForwardContext
 from .quantization import protect_cpu_4bit_layers
+from .targets import default_language_model_targets
 
 
 class ExpertTuner(BaseTuner):
@@ -35,6 +36,14 @@ class ExpertTuner(BaseTuner):
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         # Targets are resolved from the model itself in `_prepare_model`.
         return peft_config
+
+    def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = self._default_target_modules(model)
+
+    def _default_target_modules(self, model: nn.Module) -> str:
+        """`target_modules` when the config leaves it None: the language model's projections."""
+        return default_language_model_targets(model)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(

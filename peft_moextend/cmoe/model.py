@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..targets import default_language_model_targets
 from ..tuner_utils import ExpertTuner
 from .config import CMoEConfig
 from .layer import CMoELayer
@@ -29,10 +28,6 @@ class CMoEModel(ExpertTuner):
     tuner_layer_cls = CMoELayer
     method_name = "CMoE"
     merge_refusal = "each sample is routed to its own task's experts, so no single weight update equals the adapter."
-
-    def _prepare_model(self, peft_config: CMoEConfig, model: nn.Module) -> None:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = default_language_model_targets(model)
 
     def _create_and_replace(
         self,

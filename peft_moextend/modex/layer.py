@@ -58,18 +58,6 @@ class ModeXLayer(nn.Module, BaseTunerLayer):
             self._context.required_modalities.update(self.modex_settings[adapter_name].needed_modalities)
         self.set_adapter(self.active_adapters)
 
-    def _token_modalities(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        if self.tower_modality is not None:
-            return torch.full((num_tokens,), modality_index(self.tower_modality), device=device)
-        modality_ids = self._context.token_modality_ids(num_tokens)
-        if modality_ids is None:
-            raise ValueError(
-                f"ModeX modality experts need the modality of each of the {num_tokens} tokens of this layer, but it "
-                "is unknown for this call: pass `input_ids` (with the model's placeholder tokens) or an explicit "
-                "integer `modality_ids` tensor of shape (batch, seq) to the model's forward/generate."
-            )
-        return modality_ids.to(device)
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """x: `(..., i)`; returns `(..., o)`."""
         result = self.base_layer(x, *args, **kwargs)
@@ -82,7 +70,8 @@ class ModeXLayer(nn.Module, BaseTunerLayer):
             y = outputs.to(down.dtype)
             logits = F.linear(y, self.modex_router[adapter]) / settings.temperature  # (t, e)
             if settings.uses_masks:
-                eligible = settings.eligible(self._token_modalities(y.shape[0], y.device))
+                modalities = self._context.layer_modality_ids(y.shape[0], self.tower_modality, y.device, "ModeX")
+                eligible = settings.eligible(modalities)
                 logits = logits.masked_fill(~eligible, float("-inf"))
             weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a token no expert may serve gets none
             hidden = F.relu(F.linear(y, down))  # (t, b)

@@ -33,11 +33,13 @@ class ModeXModel(ExpertTuner):
     method_name = "ModeX"
     merge_refusal = "the serial adapter is non-linear (ReLU bottleneck, per-token coordinator weights)."
 
+    def _default_target_modules(self, model: nn.Module) -> str:
+        prefix = language_model_name(model)
+        scope = rf"{re.escape(prefix)}\..*" if prefix else r".*"
+        return rf"^{scope}\.({'|'.join(ADAPTED_OUTPUTS)})$"
+
     def _prepare_model(self, peft_config: ModeXConfig, model: nn.Module) -> None:
-        if peft_config.target_modules is None:
-            prefix = language_model_name(model)
-            scope = rf"{re.escape(prefix)}\..*" if prefix else r".*"
-            peft_config.target_modules = rf"^{scope}\.({'|'.join(ADAPTED_OUTPUTS)})$"
+        super()._prepare_model(peft_config, model)
         if peft_config.train_layer_norms:
             self._norm_targets = self._norms_next_to_targets(peft_config, model)
         else:

@@ -100,15 +100,7 @@ class PathWeaveLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters or self.merged or not active:
             return result
         tokens = x.reshape(-1, x.shape[-1])
-        if self.tower_modality is not None:
-            token_modality = torch.full((tokens.shape[0],), modality_index(self.tower_modality), device=x.device)
-        else:
-            token_modality = self._context.token_modality_ids(tokens.shape[0])
-            if token_modality is None:
-                raise ValueError(
-                    "PathWeave needs the modality of every token of this call: pass `input_ids` with the model's "
-                    "placeholder tokens, or an explicit integer `modality_ids` tensor of shape (batch, seq)."
-                )
+        token_modality = self._context.layer_modality_ids(tokens.shape[0], self.tower_modality, x.device, "PathWeave")
         delta = None
         for adapter in active:
             for stage, modality in enumerate(self.pathweave_modalities[adapter]):  # loop over modalities present

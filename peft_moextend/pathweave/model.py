@@ -7,7 +7,6 @@ from typing import Any
 from torch import nn
 
 from ..modality import tower_modality, validate_modalities
-from ..targets import default_language_model_targets
 from ..tuner_utils import ExpertTuner
 from .config import PathWeaveConfig
 from .layer import PathWeaveLayer
@@ -25,10 +24,6 @@ class PathWeaveModel(ExpertTuner):
     tuner_layer_cls = PathWeaveLayer
     method_name = "PathWeave"
     merge_refusal = "each modality's tokens take their own gated path, so no single weight update equals the adapter."
-
-    def _prepare_model(self, peft_config: PathWeaveConfig, model: nn.Module) -> None:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = default_language_model_targets(model)
 
     def _create_and_replace(
         self,

@@ -75,16 +75,7 @@ class SMoLALayer(nn.Module, BaseTunerLayer):
 
     def _token_modalities(self, num_tokens: int, device: torch.device) -> torch.Tensor:
         """`(t,)` modality id of every token this layer sees."""
-        if self.tower_modality is not None:
-            return torch.full((num_tokens,), modality_index(self.tower_modality), device=device)
-        modality_ids = self._context.token_modality_ids(num_tokens)
-        if modality_ids is None:
-            raise ValueError(
-                f"SMoLA expert groups need the modality of each of the {num_tokens} tokens of this layer, but it is "
-                "unknown for this call: pass `input_ids` (with the model's placeholder tokens) or an explicit "
-                "integer `modality_ids` tensor of shape (batch, seq) to the model's forward/generate."
-            )
-        return modality_ids.to(device)
+        return self._context.layer_modality_ids(num_tokens, self.tower_modality, device, "SMoLA expert groups")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """x: `(..., i)`; returns `(..., o)`."""

@@ -7,7 +7,6 @@ from typing import Any
 from torch import nn
 
 from ..modality import tower_modality
-from ..targets import default_language_model_targets
 from ..tuner_utils import ExpertTuner
 from .config import SMoLAConfig
 from .layer import SMoLALayer
@@ -28,10 +27,6 @@ class SMoLAModel(ExpertTuner):
         "the mixture weights depend on each token (router and modality groups), so no single weight update equals "
         "the adapter."
     )
-
-    def _prepare_model(self, peft_config: SMoLAConfig, model: nn.Module) -> None:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = default_language_model_targets(model)
 
     def _create_and_replace(
         self,
