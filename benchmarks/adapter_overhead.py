@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from common import build_llama, in_subprocess, measure_steps
+from common import add_size_arguments, build_llama, in_subprocess, measure_steps
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -54,14 +54,7 @@ def run_variant(method: str, variant: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", help="also write the results to this file")
+    add_size_arguments(parser)
     args = parser.parse_args()
     print(
         f"Llama hidden={args.hidden} layers={args.layers}, batch={args.batch} seq={args.seq}, {args.threads} threads, "

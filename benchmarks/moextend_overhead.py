@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from common import in_subprocess, measure_steps
+from common import add_size_arguments, in_subprocess, measure_steps
 
 
 def build(args: argparse.Namespace):
@@ -66,16 +66,9 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
+    add_size_arguments(parser)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--new-experts", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
     results = {v: in_subprocess(run_variant, v, args) for v in ("base_forward", "base_train_routers", "moextend")}

@@ -15,7 +15,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from common import build_llama, in_subprocess, measure_steps
+from common import add_size_arguments, build_llama, in_subprocess, measure_steps
 
 
 def naive_forward(self, x, *args, **kwargs):
@@ -62,14 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", help="also write the results to this file")
+    add_size_arguments(parser)
     args = parser.parse_args()
 
     print(
