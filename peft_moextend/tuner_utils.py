@@ -113,3 +113,15 @@ class ExpertTuner(BaseTuner):
             yield
         finally:
             self._enable_adapter_layers(True)
+
+
+def stage_container(layer: nn.Module, name: str, trainable: bool = True) -> nn.ParameterDict:
+    """The per-adapter container `name` of a tuner layer that grows by stages (tasks, modalities), created and
+    declared to PEFT on first use: in `adapter_layer_names` if it trains, else in `other_param_names`."""
+    if not hasattr(layer, name):
+        layer.add_module(name, nn.ParameterDict())
+        if trainable:
+            layer.adapter_layer_names = (*layer.adapter_layer_names, name)
+        else:
+            layer.other_param_names = (*layer.other_param_names, name)
+    return getattr(layer, name)

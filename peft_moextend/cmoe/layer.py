@@ -14,6 +14,7 @@ from torch import nn
 
 from ..forward_context import ForwardContext
 from ..quantization import linear_features
+from ..tuner_utils import stage_container
 from .config import CMoEConfig
 from .locator import locator_size, task_scores
 
@@ -45,14 +46,7 @@ class CMoELayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     def _container(self, kind: str, task: int) -> nn.ParameterDict:
-        name = f"cmoe_{kind}_{task}"
-        if not hasattr(self, name):
-            self.add_module(name, nn.ParameterDict())
-            if kind == "locator":
-                self.other_param_names = (*self.other_param_names, name)
-            else:
-                self.adapter_layer_names = (*self.adapter_layer_names, name)
-        return getattr(self, name)
+        return stage_container(self, f"cmoe_{kind}_{task}", trainable=kind != "locator")
 
     def add_task(self, adapter_name: str, config: CMoEConfig, extend: bool) -> None:
         """Append the next task of `adapter_name`: `config.experts_per_task` experts if `extend`, and its router."""

@@ -15,6 +15,7 @@ from torch import nn
 from ..forward_context import ForwardContext
 from ..modality import modality_index
 from ..quantization import linear_features
+from ..tuner_utils import stage_container
 from .config import PathWeaveConfig
 
 _KINDS = ("down", "up", "scale", "inadapter", "gate")
@@ -43,11 +44,7 @@ class PathWeaveLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
 
     def _container(self, kind: str, stage: int) -> nn.ParameterDict:
-        name = f"pathweave_{kind}_{stage}"
-        if not hasattr(self, name):
-            self.add_module(name, nn.ParameterDict())
-            self.adapter_layer_names = (*self.adapter_layer_names, name)
-        return getattr(self, name)
+        return stage_container(self, f"pathweave_{kind}_{stage}")
 
     def add_modality(self, adapter_name: str, modality: str, config: PathWeaveConfig) -> None:
         """Stage k = the next modality: freeze stages < k, add its adapter, in-adapters and gate."""
