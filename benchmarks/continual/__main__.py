@@ -49,12 +49,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--output-dir", help="default: outputs/continual[-quick]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-results", type=Path, help="only rewrite the report and plots of this results.json")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     for key, value in PRESETS["full"].items():
         parser.add_argument(
             f"--{key.replace('_', '-')}", type=type(value), help=f"full: {value}, quick: {PRESETS['quick'][key]}"
         )
     args = parser.parse_args()
+    if args.from_results:
+        output = Path(args.output_dir or args.from_results.parent)
+        output.mkdir(parents=True, exist_ok=True)
+        write_outputs(json.loads(args.from_results.read_text()), output)
+        return
     preset = PRESETS["quick" if args.quick else "full"]
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in preset.items()}
     settings |= {"seed": args.seed, "threads": args.threads, "quick": args.quick}
@@ -121,7 +127,12 @@ def main() -> None:
         results["methods"][name] = result
     results["total_seconds"] = time.perf_counter() - started
 
-    task_names = [t.name for t in tasks]
+    write_outputs(results, output)
+
+
+def write_outputs(results: dict, output: Path) -> None:
+    """results.json, the plots and report.md in `output`; prints the summary table."""
+    task_names = [t["name"] for t in results["tasks"]]
     images = {"accuracy": "accuracy_matrices.png", "forgetting": "forgetting.png"}
     report.plot_accuracy_matrices(results, task_names, output / images["accuracy"])
     report.plot_forgetting(results, task_names, output / images["forgetting"])

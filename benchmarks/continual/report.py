@@ -113,9 +113,9 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
         f"{settings['test_size']} test examples per image task).",
         "",
         "Model: SmolLM2-135M-Instruct inside transformers' `LlavaForConditionalGeneration` (2-layer SigLIP vision "
-        "tower + projector) plus a 2-layer Whisper audio encoder + projector; the towers were trained in a label-free "
-        f"alignment stage ({'cached' if alignment['cached'] else 'this run'}) and are frozen and shared. Every method "
-        "adapts layers 15-29. Accuracy = greedy exact match of the answer.",
+        "tower + projector) plus a 3-layer convolutional audio encoder + projector; the towers were trained in a "
+        f"label-free alignment stage ({'cached' if alignment['cached'] else 'this run'}) and are frozen and shared. "
+        "Every method adapts layers 15-29. Accuracy = greedy exact match of the answer.",
         "",
     ]
     for note in results["notes"]:

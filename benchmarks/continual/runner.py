@@ -21,7 +21,7 @@ from .model import Towers, build_vlm, load_language_model, model_inputs
 from .training import accuracy, alignment_rows, batches, task_rows, text_probe, train
 
 CACHE_DIR = Path("~/.cache/peft_moextend/continual").expanduser()
-ALIGNMENT_VERSION = 2  # bump when the towers, captions or alignment recipe change
+ALIGNMENT_VERSION = 5  # bump when the towers, captions or alignment recipe change
 
 
 def in_subprocess(target, *args) -> dict:
@@ -29,7 +29,7 @@ def in_subprocess(target, *args) -> dict:
     that dies without a result gives `{"error": ...}`)."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    process = context.Process(target=_call, args=(results, target, args))
+    process = context.Process(target=_call, args=(results, target, args), daemon=True)
     process.start()
     while True:
         try:

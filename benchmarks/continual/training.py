@@ -70,10 +70,13 @@ def task_rows(task: Task, split: str, vocabulary: Vocabulary) -> list[dict]:
     return [example(task, x, task.classes[y], vocabulary) for x, y in getattr(task, split)]
 
 
+BANDS = ("low", "mid", "high", "top")
+
+
 def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> list[dict]:
     """Label-free captions of the training inputs: a 4x4 ink map of each image (mean intensity per 7x7 cell,
-    0-9) and, for each clip, the loudness and spectral centroid (0-9) of six time segments. They teach the towers
-    to write LM-readable tokens without revealing any class label."""
+    0-9) and a coarse spectrogram of each clip (mean log-mel level, 0-9, of 4 frequency bands x 6 time segments).
+    They teach the towers to write LM-readable tokens without revealing any class label."""
     rows = []
     for task in tasks:
         for inputs, _ in task.train[:per_task]:
@@ -82,14 +85,10 @@ def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> 
                 caption = " ".join(str(v) for v in _levels(cells.ravel(), 0.0, max(cells.max(), 1e-6)))
                 question = "Describe the ink in a 4x4 grid."
             else:
-                segments = inputs[:, :96].reshape(inputs.shape[0], 6, 16).mean(axis=2)  # (mels, 6)
-                loudness = segments.mean(axis=0)
-                weights = np.exp(segments - segments.max(axis=0))
-                centroid = (weights * np.arange(inputs.shape[0])[:, None]).sum(axis=0) / weights.sum(axis=0)
-                loud = _levels(loudness, loudness.min(), loudness.max())
-                pitch = _levels(centroid, 0.0, float(inputs.shape[0] - 1))
-                caption = f"loudness {' '.join(map(str, loud))}; pitch {' '.join(map(str, pitch))}"
-                question = "Describe the sound over time."
+                bands = inputs[:, :96].reshape(4, 10, 6, 16).mean(axis=(1, 3))  # (4 mel bands, 6 time segments)
+                rows_text = [" ".join(map(str, _levels(band, inputs.min(), inputs.max()))) for band in bands]
+                caption = "; ".join(f"{name} {levels}" for name, levels in zip(BANDS, rows_text, strict=True))
+                question = "Describe the sound in 4 bands over time."
             template = Task(task.name, task.modality, question, [], "", [], [])
             rows.append(example(template, inputs, caption, vocabulary))
     return rows
