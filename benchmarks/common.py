@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import time
@@ -13,12 +14,20 @@ import torch
 
 
 def in_subprocess(target: Callable[..., dict], *args) -> dict:
-    """Run `target(*args)` in a fresh spawned process (so peak RSS is its own) and return its result dict."""
+    """Run `target(*args)` in a fresh spawned process (so peak RSS is its own) and return its result dict; a
+    process that dies without a result gives `{"error": ..., "traceback": ""}` instead of a hang."""
     context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_call, args=(queue, target, args))
+    results = context.Queue()
+    process = context.Process(target=_call, args=(results, target, args), daemon=True)
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = results.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                result = {"error": f"the process died (exit code {process.exitcode})", "traceback": ""}
+                break
     process.join()
     return result
 

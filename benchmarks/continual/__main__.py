@@ -21,10 +21,11 @@ import platform
 import time
 from pathlib import Path
 
+from ..common import in_subprocess
 from . import report
 from .data import load_tasks
 from .methods import METHODS, missing_methods
-from .runner import align, in_subprocess, run_method
+from .runner import align, run_method
 
 PRESETS = {
     "quick": {"train_size": 64, "test_size": 30, "epochs": 2, "align_per_task": 64, "align_epochs": 2},

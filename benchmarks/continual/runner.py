@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
-import queue as queue_module
 import resource
 import time
 import traceback
@@ -22,29 +20,6 @@ from .training import accuracy, alignment_rows, batches, task_rows, text_probe, 
 
 CACHE_DIR = Path("~/.cache/peft_moextend/continual").expanduser()
 ALIGNMENT_VERSION = 5  # bump when the towers, captions or alignment recipe change
-
-
-def in_subprocess(target, *args) -> dict:
-    """`target(*args)` in a fresh spawned process: its own peak memory, and a crash cannot end the run (a process
-    that dies without a result gives `{"error": ...}`)."""
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=_call, args=(results, target, args), daemon=True)
-    process.start()
-    while True:
-        try:
-            result = results.get(timeout=5)
-            break
-        except queue_module.Empty:
-            if not process.is_alive():
-                result = {"error": f"the process died (exit code {process.exitcode})", "traceback": ""}
-                break
-    process.join()
-    return result
-
-
-def _call(results: mp.Queue, target, args) -> None:
-    results.put(target(*args))
 
 
 def peak_memory_mib() -> float:
