@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-results", type=Path, help="only rewrite the report and plots of this results.json")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the finished methods of --output-dir's results.json (same settings)"
+    )
     for key, value in PRESETS["full"].items():
         parser.add_argument(
             f"--{key.replace('_', '-')}", type=type(value), help=f"full: {value}, quick: {PRESETS['quick'][key]}"
@@ -111,7 +114,12 @@ def main() -> None:
         "alignment": alignment,
         "methods": {},
     }
-    for name in args.methods:
+    previous_seconds = 0.0
+    if args.resume:
+        results["methods"], previous_seconds = finished_methods(output / "results.json", settings)
+        if results["methods"]:
+            print(f"\nresuming: {', '.join(results['methods'])} kept from {output / 'results.json'}", flush=True)
+    for name in [m for m in args.methods if m not in results["methods"]]:
         print(f"\n== {name}: {METHODS[name].label}", flush=True)
         result = in_subprocess(run_method, name, tasks, alignment_settings | {"epochs": settings["epochs"]})
         if "error" in result:
@@ -126,9 +134,27 @@ def main() -> None:
                 flush=True,
             )
         results["methods"][name] = result
-    results["total_seconds"] = time.perf_counter() - started
-
+        results["total_seconds"] = previous_seconds + time.perf_counter() - started
+        save_results(results, output)
     write_outputs(results, output)
+
+
+def finished_methods(path: Path, settings: dict) -> tuple[dict, float]:
+    """The methods that finished without error in an earlier run's results.json, and that run's duration; nothing
+    when the file is missing or its settings differ."""
+    if not path.exists():
+        return {}, 0.0
+    previous = json.loads(path.read_text())
+    if previous["settings"] != settings:
+        print(f"\nnot resuming: {path} was made with other settings ({previous['settings']})", flush=True)
+        return {}, 0.0
+    finished = {name: result for name, result in previous["methods"].items() if "error" not in result}
+    return finished, previous.get("total_seconds", 0.0)
+
+
+def save_results(results: dict, output: Path) -> None:
+    """results.json after each method, so that a run stopped part-way keeps what it measured."""
+    (output / "results.json").write_text(json.dumps(results, indent=1))
 
 
 def write_outputs(results: dict, output: Path) -> None:
@@ -140,7 +166,7 @@ def write_outputs(results: dict, output: Path) -> None:
     if "routing" in results["methods"].get("moextend", {}):
         images["routing"] = "moextend_routing.png"
         report.plot_routing(results["methods"]["moextend"]["routing"], output / images["routing"])
-    (output / "results.json").write_text(json.dumps(results, indent=1))
+    save_results(results, output)
     (output / "report.md").write_text(report.markdown(results, task_names, images))
     print(f"\n{report.markdown(results, task_names, images).split('## Accuracy matrices')[0]}")
     print(f"results: {output / 'results.json'}, report: {output / 'report.md'}, plots: {', '.join(images.values())}")
