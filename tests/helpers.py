@@ -51,7 +51,8 @@ def train_steps(model: nn.Module, batch: dict, steps: int = 3, lr: float = 1e-2)
 
 def load_quantized_with_reference(folder: Path, bits: int):
     """The model saved in `folder` loaded in bitsandbytes `bits`-bit, and an fp32 copy whose quantized linears hold
-    exactly the dequantized weights (what the quantized model computes with)."""
+    exactly the dequantized weights (what the quantized model computes with), on the quantized model's device
+    (CUDA where there is a GPU)."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -61,7 +62,7 @@ def load_quantized_with_reference(folder: Path, bits: int):
         else BitsAndBytesConfig(load_in_8bit=True)
     )
     quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(quantized.device)
     quantized_modules = dict(quantized.named_modules())
     with torch.no_grad():
         for name, module in reference.named_modules():

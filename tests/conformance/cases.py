@@ -55,7 +55,7 @@ def perturb_adapter(model, prefix: str, scale: float = 0.1) -> None:
     with torch.no_grad():
         for index, (name, p) in enumerate(sorted(model.named_parameters())):
             if prefix in name:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(index)) * scale)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(index)).to(p.device) * scale)
 
 
 def is_vision_language(family: str) -> bool:

@@ -195,6 +195,7 @@ def test_5_quantized_base_gradients_match_dequantized_model(case, bits, tmp_path
     batch = make_batch(model, family)
     model.save_pretrained(tmp_path)
     quantized, reference = load_quantized_with_reference(tmp_path, bits)
+    batch = {key: value.to(quantized.device) for key, value in batch.items()}
     quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
     grads = []
     for base in (quantized, reference):
@@ -211,10 +212,13 @@ def test_5_quantized_base_gradients_match_dequantized_model(case, bits, tmp_path
     assert any(isinstance(m, layer_cls) for m in quantized.modules())
     # the plugin itself protects 4-bit layers from the CPU AVX512-BF16 repacking trap
     assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in quantized.modules())
+    # 4-bit dequantizes then runs the fp32 matmul (on CUDA the reference's matmuls may take other kernels);
+    # LLM.int8 also quantizes activations (on CUDA after casting them to float16)
+    on_cpu = quantized.device.type == "cpu"
+    tolerance = (1e-5 if on_cpu else 1e-3) if bits == 4 else (0.05 if on_cpu else 0.1)
     for name, expected in grads[1].items():
         error = (grads[0][name] - expected).norm() / expected.norm().clamp_min(1e-12)
-        # 4-bit on CPU dequantizes then runs the fp32 matmul; LLM.int8 also quantizes activations
-        assert error < (1e-5 if bits == 4 else 0.05), (name, float(error))
+        assert error < tolerance, (name, float(error))
 
 
 # 6 -------------------------------------------------------------------------------------------------------------
