@@ -2,6 +2,7 @@
 packages, example encoding, and the greedy exact-match rule. The full run on real weights is the `slow` test."""
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from tiny_vlms import make_tiny_vlm, make_vlm_inputs
 
 from benchmarks.continual import data
+from benchmarks.continual.__main__ import finished_methods
 from benchmarks.continual.model import NUM_AUDIO_TOKENS, NUM_IMAGE_TOKENS, Vocabulary, collate, example
 from benchmarks.continual.report import summary
 from benchmarks.continual.training import alignment_rows, exact_match
@@ -144,6 +146,16 @@ def test_spoken_digit_features():
     assert energy[40:60].mean() > energy[:5].mean() + 0.5 and energy[:5].std() < 1e-4
 
 
+def test_resume_keeps_only_finished_methods_of_the_same_settings(tmp_path):
+    settings = {"train_size": 64, "seed": 0, "quick": True}
+    methods = {"sequential_lora": {"accuracy": [[0.5]]}, "cmoe": {"error": "RuntimeError: x", "traceback": ""}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"settings": settings, "methods": methods, "total_seconds": 12.5}))
+    assert finished_methods(path, settings) == ({"sequential_lora": {"accuracy": [[0.5]]}}, 12.5)
+    assert finished_methods(path, settings | {"seed": 1}) == ({}, 0.0)
+    assert finished_methods(tmp_path / "absent.json", settings) == ({}, 0.0)
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end(tmp_path):
     """Real weights and data: two methods, tiny sizes; the report, JSON and plots are written."""
@@ -171,7 +183,6 @@ def test_quick_benchmark_end_to_end(tmp_path):
         command, cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    import json
 
     results = json.loads((output / "results.json").read_text())
     assert set(results["methods"]) == {"sequential_lora", "cmoe"}
