@@ -167,8 +167,9 @@ def write_outputs(results: dict, output: Path) -> None:
         images["routing"] = "moextend_routing.png"
         report.plot_routing(results["methods"]["moextend"]["routing"], output / images["routing"])
     save_results(results, output)
-    (output / "report.md").write_text(report.markdown(results, task_names, images))
-    print(f"\n{report.markdown(results, task_names, images).split('## Accuracy matrices')[0]}")
+    text = report.markdown(results, task_names, images)
+    (output / "report.md").write_text(text)
+    print(f"\n{text.split('## Accuracy matrices')[0]}")
     print(f"results: {output / 'results.json'}, report: {output / 'report.md'}, plots: {', '.join(images.values())}")
     failed = [m for m, r in results["methods"].items() if "error" in r]
     if failed:
