@@ -156,6 +156,41 @@ def test_resume_keeps_only_finished_methods_of_the_same_settings(tmp_path):
     assert finished_methods(tmp_path / "absent.json", settings) == ({}, 0.0)
 
 
+def test_results_are_saved_after_each_method_and_resume_runs_only_the_rest(tmp_path, monkeypatch):
+    """A run cut off during its second method keeps the first in results.json; --resume then runs only the rest."""
+    from benchmarks.continual import __main__ as cli
+
+    task = data.Task("digits", "image", "Which digit is this?", ["0", "1"], "test", [], [])
+    monkeypatch.setattr(cli, "load_tasks", lambda *args: ([task], []))
+    monkeypatch.setattr(cli, "write_outputs", lambda results, output: None)
+    calls = []
+
+    def fake_in_subprocess(target, *args):
+        if target is cli.align:
+            return {
+                "cached": True,
+                "path": "towers.pt",
+                "base_accuracy": {"digits": 0.0},
+                "text_probe": {"fact_accuracy": 0.5, "perplexity": 18.0},
+            }
+        calls.append(args[0])
+        if args[0] == "oracle_lora" and len(calls) == 2:
+            raise KeyboardInterrupt  # the run is cut off during its second method
+        return {"accuracy": [[0.5]], "text_probe": {"fact_accuracy": 0.5, "perplexity": 18.0}}
+
+    monkeypatch.setattr(cli, "in_subprocess", fake_in_subprocess)
+    argv = ["continual", "--quick", "--methods", "sequential_lora", "oracle_lora", "--output-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved["methods"]) == ["sequential_lora"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume"])
+    cli.main()
+    assert calls == ["sequential_lora", "oracle_lora", "oracle_lora"]
+    assert list(json.loads((tmp_path / "results.json").read_text())["methods"]) == ["sequential_lora", "oracle_lora"]
+
+
 @pytest.mark.slow
 def test_quick_benchmark_end_to_end(tmp_path):
     """Real weights and data: two methods, tiny sizes; the report, JSON and plots are written."""
