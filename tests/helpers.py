@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,19 +14,39 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_python(code: str, cwd: Path | None = None) -> str:
-    """Run `code` in a fresh Python process (tests/ on the path); returns stdout, raises with stderr on failure."""
+def child_env(**overrides: str) -> dict[str, str]:
+    """Environment for a child process: the parent's whole environment (variables such as `OPENBLAS_*` are set on
+    some machines for correctness and must reach the child), tests/ and the repository on `PYTHONPATH`, offline
+    Hub, and the parent's torch thread count, so that bit-exact comparisons run under identical settings (another
+    thread count changes the order of matmul reductions, hence the last bits, on some CPUs)."""
+    threads = str(torch.get_num_threads())
+    paths = (str(REPO_ROOT / "tests"), str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+    python_path = os.pathsep.join(p for p in paths if p)
+    return {
+        **os.environ,
+        "PYTHONPATH": python_path,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        **overrides,
+    }
+
+
+def run_command(command: list[str], cwd: Path | None = None, timeout: int = 600, **env: str) -> str:
+    """Run `command` in a child process with `child_env(**env)`; returns stdout, raises with stderr on failure."""
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=cwd or REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": f"{REPO_ROOT / 'tests'}:{REPO_ROOT}", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-        timeout=300,
+        command, cwd=cwd or REPO_ROOT, capture_output=True, text=True, env=child_env(**env), timeout=timeout
     )
     if result.returncode != 0:
-        raise AssertionError(f"subprocess failed:\n{result.stderr[-4000:]}")
+        raise AssertionError(f"subprocess {command[:3]} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
     return result.stdout
+
+
+def run_python(code: str, cwd: Path | None = None) -> str:
+    """Run `code` in a fresh Python process (see `child_env`), with the parent's torch thread count set before the
+    code runs; returns stdout, raises with stderr on failure."""
+    preamble = f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+    return run_command([sys.executable, "-c", preamble + textwrap.dedent(code)], cwd=cwd, timeout=300)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

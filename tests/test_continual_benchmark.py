@@ -3,14 +3,13 @@ packages, example encoding, and the greedy exact-match rule. The full run on rea
 
 import gzip
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_command
 from tiny_vlms import make_tiny_vlm, make_vlm_inputs
 
 from benchmarks.continual import data
@@ -214,10 +213,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
         "--output-dir",
         str(output),
     ]
-    completed = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_command(command, cwd=ROOT, timeout=1800)
 
     results = json.loads((output / "results.json").read_text())
     assert set(results["methods"]) == {"sequential_lora", "cmoe"}

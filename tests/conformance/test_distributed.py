@@ -4,13 +4,12 @@ batch. (DeepSpeed ZeRO and FSDP need GPUs; see docs/distributed.md.)"""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_command
 from safetensors.torch import load_file
 
 from conformance.cases import CASES, case_id
@@ -18,23 +17,9 @@ from conformance.cases import CASES, case_id
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(command: list[str], tmp_path: Path) -> None:
     # CPU only, also on a GPU machine (where rank 1 would otherwise ask for a second GPU)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_USE_CPU": "true",
-        "CUDA_VISIBLE_DEVICES": "",
-    }
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_command(command, cwd=tmp_path, ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
