@@ -58,7 +58,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
     if variant == "moextend":
         from peft_moextend.moextend import MoExtendLayer
 
-        records = [m.routing_record for m in model.modules() if isinstance(m, MoExtendLayer)]
+        records = [m.routing_records["default"] for m in model.modules() if isinstance(m, MoExtendLayer)]
         slots = sum(int(r.dispatch_mask.sum()) for r in records)
         result["new_expert_slot_fraction"] = sum(int(r.dispatch_mask[:, args.experts :].sum()) for r in records) / slots
     return result

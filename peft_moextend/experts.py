@@ -11,9 +11,20 @@ r - routed (token, slot) pairs, c - capacity (rows per expert).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+
+def kaiming_uniform_experts(num_experts: int, rank: int, in_features: int) -> torch.Tensor:
+    """`(num_experts * rank, in_features)` stacked down-projections of low-rank experts, each initialised like a
+    LoRA A matrix (Kaiming-uniform with a = sqrt(5); the fan-in is `in_features` for one expert as for the stack, so
+    one call initialises every expert alike)."""
+    weight = torch.empty(num_experts * rank, in_features)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
 
 
 def grouped_expert_forward(

@@ -60,27 +60,35 @@ def modality_ids_from_input_ids(input_ids: torch.Tensor, token_ids: dict[str, in
     return ids
 
 
-_TOWER_NAME_PARTS: tuple[tuple[str, str], ...] = (
-    ("audio_tower", "audio"),
-    ("audio_model", "audio"),
-    ("audio_encoder", "audio"),
-    ("vision_tower", "image"),
-    ("vision_model", "image"),
-    ("vision_encoder", "image"),
-    ("visual", "image"),
-    ("multi_modal_projector", "image"),
-    ("connector", "image"),
-)
+_TOWER_PARTS: dict[str, str] = {
+    "audio_tower": "audio",
+    "audio_model": "audio",
+    "audio_encoder": "audio",
+    "vision_tower": "image",
+    "vision_model": "image",
+    "vision_encoder": "image",
+    "visual": "image",
+    "multi_modal_projector": "image",
+    "connector": "image",
+}
+
+
+def media_tower(module_name: str) -> tuple[str, str] | None:
+    """`(tower name, modality)` if the module sits in a vision/audio tower (or its projector), else None.
+
+    Towers process only their own kind of input (`model.vision_tower...`, `model.visual...`, `audio_tower...`), so
+    all their tokens count as that modality (a vision tower that also encodes videos is told per call, see
+    `call_inputs`). Language-model modules return None: their tokens need per-position ids.
+    """
+    parts = module_name.split(".")
+    for position, part in enumerate(parts):
+        modality = _TOWER_PARTS.get(part)
+        if modality is not None:
+            return ".".join(parts[: position + 1]), modality
+    return None
 
 
 def tower_modality(module_name: str) -> str | None:
-    """Modality of every token a module sees if it sits in a vision/audio tower (or its projector), else None.
-
-    Towers process only their own modality (`model.vision_tower...`, `model.visual...`, `audio_tower...`), so all
-    their tokens count as that modality. Language-model modules return None: their tokens need per-position ids.
-    """
-    parts = module_name.split(".")
-    for part, modality in _TOWER_NAME_PARTS:
-        if part in parts:
-            return modality
-    return None
+    """Modality of every token a module sees if it sits in a media tower (see `media_tower`), else None."""
+    tower = media_tower(module_name)
+    return None if tower is None else tower[1]

@@ -20,11 +20,21 @@ class RoutingRecord:
     router_probs: `(t, e)` routing probabilities over all experts the layer routes to.
     dispatch_mask: `(t, e)` bool, the experts each token was sent to.
     token_mask: `(t,)` bool, tokens that count for the load-balancing loss (non-padding, eligible), or None = all.
+    aux_loss_coef: weight of this record's load-balancing loss in the training loss (its adapter's setting).
     """
 
     router_probs: torch.Tensor
     dispatch_mask: torch.Tensor
     token_mask: torch.Tensor | None = None
+    aux_loss_coef: float = 0.0
+
+
+class RoutedLayer:
+    """Mixin of tuner layers that route tokens to experts: `routing_records` holds, per adapter that routed tokens
+    in the current call, its `RoutingRecord` (cleared at the start of every model call; read by
+    `add_router_aux_loss`)."""
+
+    routing_records: dict[str, RoutingRecord]
 
 
 def dispatch_mask_from_top_k(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -56,14 +66,43 @@ def expert_usage(top_k_index: torch.Tensor, num_experts: int, token_mask: torch.
 
 
 def router_aux_loss(layers: Iterable[nn.Module]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Load-balancing loss over the routed layers that recorded routing in the last call.
+    """Load-balancing loss over the routing records of the last call.
 
-    Each layer exposes `routing_record` (a `RoutingRecord` or None) and `router_aux_loss_coef` (float, of its
-    active adapter). Returns `(mean of coef * loss, mean of loss)` over layers, or None when no layer routed.
+    Each routed layer keeps `routing_records`, one `RoutingRecord` per adapter that routed tokens in the call.
+    Returns `(mean of coef * loss, mean of loss)` over records, or None when nothing routed.
     """
-    records = [(layer.routing_record, layer.router_aux_loss_coef) for layer in layers if layer.routing_record]
+    records = [record for layer in layers for record in layer.routing_records.values()]
     if not records:
         return None
-    losses = torch.stack([load_balancing_loss(record) for record, _ in records])
-    coefs = torch.tensor([coef for _, coef in records], dtype=losses.dtype, device=losses.device)
+    losses = torch.stack([load_balancing_loss(record) for record in records])
+    coefs = torch.tensor([record.aux_loss_coef for record in records], dtype=losses.dtype, device=losses.device)
     return (losses * coefs).mean(), losses.mean()
+
+
+def add_router_aux_loss(model: nn.Module, call_kwargs: dict, outputs):
+    """Put the load-balancing loss of `model`'s last call into its `outputs` (a ModelOutput / dict): always as
+    `router_aux_loss`, and times each adapter's coefficient into `loss` when the call had labels."""
+    if not isinstance(outputs, dict):
+        return outputs
+    routed = [m for m in model.modules() if getattr(m, "routing_records", None)]
+    losses = router_aux_loss(routed)
+    if losses is None:
+        return outputs
+    weighted, raw = losses
+    if call_kwargs.get("labels") is not None and outputs.get("loss") is not None:
+        if (
+            torch.is_grad_enabled()
+            and outputs["loss"].requires_grad
+            and not weighted.requires_grad
+            and any(r.aux_loss_coef > 0 for layer in routed for r in layer.routing_records.values())
+        ):
+            raise RuntimeError(
+                "The router load-balancing loss cannot get gradients: the routed layers ran without autograd, "
+                "which is what reentrant gradient checkpointing does. Enable checkpointing with "
+                "`gradient_checkpointing_kwargs={'use_reentrant': False}` (in TrainingArguments, "
+                "`model.gradient_checkpointing_enable(...)` or `prepare_model_for_kbit_training(...)`), or set "
+                "`router_aux_loss_coef=0`."
+            )
+        outputs["loss"] = outputs["loss"] + weighted.to(outputs["loss"].device)
+    outputs["router_aux_loss"] = raw
+    return outputs

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import (
     BaseTuner,
+    BaseTunerLayer,
     _filter_state_dict_by_key_prefixes,
     _get_tuner_state_dict_key_prefixes,
 )
 from torch import nn
 
-from .forward_context import ForwardContext
-from .quantization import protect_cpu_4bit_layers
+from .call_inputs import CallInputs, call_scope
+from .modality import media_tower
+from .quantization import linear_features, protect_cpu_4bit_layers
 from .targets import default_language_model_targets
 
 
 class ExpertTuner(BaseTuner):
-    """Base of our tuners: per-call context hooks, quantized-layer protection, and a clear refusal to merge.
+    """Base of our tuners: per-call inputs, quantized-layer protection, PEFT's adapter dtype convention, and a clear
+    refusal to merge.
 
     Subclasses set `prefix`, `tuner_layer_cls`, `method_name` and `merge_refusal` (why the method cannot be
     merged into the base weights).
@@ -30,8 +34,43 @@ class ExpertTuner(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
-        self._forward_context = ForwardContext.of(model)
+        self.call_inputs = CallInputs.attach(model)
         protect_cpu_4bit_layers(model)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """PEFT enters this around every `PeftModel.forward` / `generate` call: the call's inputs reach the layers
+        through hooks that exist for the duration of the call (see `peft_moextend.call_inputs`)."""
+        with call_scope(self.model):
+            yield
+
+    def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        CallInputs.detach(model)
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.peft_config:  # the last adapter: the model's forward is the class's own again
+            CallInputs.detach(self.model)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's convention (adapters are created in the base layer's dtype; `autocast_adapter_dtype=True` upcasts
+        float16/bfloat16 ones to float32), remembered per adapter for the tensors later stages add. PEFT's cast
+        re-creates the parameters: their `requires_grad` (frozen earlier stages) is kept."""
+        self._autocast_adapter_dtype = {
+            **getattr(self, "_autocast_adapter_dtype", {}),
+            adapter_name: autocast_adapter_dtype,
+        }
+        flags = {name: p.requires_grad for name, p in self.model.named_parameters() if self.prefix in name}
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for name, p in self.model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+
+    def _cast_new_stage(self, adapter_name: str) -> None:
+        """Apply the adapter's dtype convention to tensors a later stage (task, modality) just added."""
+        self._cast_adapter_dtype(adapter_name, getattr(self, "_autocast_adapter_dtype", {}).get(adapter_name, True))
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         # Targets are resolved from the model itself in `_prepare_model`.
@@ -113,6 +152,38 @@ class ExpertTuner(BaseTuner):
             yield
         finally:
             self._enable_adapter_layers(True)
+
+
+class LinearExpertLayer(nn.Module, BaseTunerLayer):
+    """Shared base of our tuner layers around a linear `base_layer` (nn.Linear or a quantized linear PEFT knows).
+
+    It knows its module name, its features, its media tower (None in the language model) and the model's
+    `CallInputs`; subclasses create their tensors on CPU in float32 and call `place_adapter`.
+    """
+
+    method_name: str
+
+    def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.in_features, self.out_features = linear_features(base_layer, module_name, self.method_name)
+        tower = media_tower(module_name)
+        self.tower_modality = None if tower is None else tower[1]
+        if tower is not None:
+            call_inputs.register_tower(*tower)
+        self.call_inputs = call_inputs
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def place_adapter(self, adapter_name: str) -> None:
+        """Move the adapter's tensors to the base layer's device and (floating) dtype, as PEFT's LoRA does; tensors
+        on the meta device (`low_cpu_mem_usage=True`) stay there until the weights are loaded."""
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+
+    def modality_ids(self, num_tokens: int, needed: Iterable[str], device: torch.device) -> torch.Tensor:
+        """`(num_tokens,)` modality id of every token this layer sees (see `CallInputs.layer_modality_ids`)."""
+        return self.call_inputs.layer_modality_ids(num_tokens, self.tower_modality, needed, device, self.method_name)
 
 
 def stage_container(layer: nn.Module, name: str, trainable: bool = True) -> nn.ParameterDict:

@@ -81,8 +81,8 @@ def test_generate_keeps_the_task_for_every_decoding_step():
     model.eval()
     prompt = batch("low", 7, size=2)
     seen = []
-    layer = next(m for m in model.modules() if isinstance(m, CMoELayer) and m.is_locator)
-    layer.register_forward_hook(lambda m, a, o: seen.append(m._context.task_ids.clone()))
+    layer = next(m for m in model.modules() if isinstance(m, CMoELayer) and m.cmoe_is_locator.get("default"))
+    layer.register_forward_hook(lambda m, a, o: seen.append(m.task_selection.latest("default").clone()))
     model.generate(
         input_ids=prompt["input_ids"],
         attention_mask=prompt["attention_mask"],

@@ -9,7 +9,7 @@ from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inpu
 from transformers import Trainer, TrainingArguments
 
 from peft_moextend import SMoLAConfig
-from peft_moextend.forward_context import ForwardContext
+from peft_moextend.call_inputs import CallInputs
 from peft_moextend.modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids, tower_modality
 from peft_moextend.smola import SMoLALayer
 
@@ -40,7 +40,7 @@ def test_language_model_layers_see_per_token_modalities_and_towers_their_own(fam
 
     def record(name):
         def hook(layer, args, output):
-            seen[name] = layer._token_modalities(args[0].shape[:-1].numel(), args[0].device)
+            seen[name] = layer.modality_ids(args[0].shape[:-1].numel(), (), args[0].device)
 
         return hook
 
@@ -61,7 +61,7 @@ def test_generate_with_kv_cache_marks_new_tokens_as_text():
     batch = make_vlm_inputs(model, "llava")
     batch.pop("labels")
     peft_model = get_peft_model(model, SMoLAConfig())
-    context = ForwardContext.of(model)
+    context = CallInputs.attach(model)
     steps = []
     model.register_forward_hook(lambda m, a, o: steps.append(context.modality_ids.clone()))
     peft_model.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=True)

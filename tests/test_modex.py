@@ -34,16 +34,17 @@ def test_layer_matches_the_formula_and_respects_modalities():
     with torch.no_grad():
         for p in (layer.modex_up["default"], layer.modex_router["default"]):
             p.normal_()
-    context = layer._context
+    context = layer.call_inputs
     x = torch.randn(1, 5, layer.in_features)
-    context.modality_ids = torch.tensor([[0, 1, 1, 0, 0]])
+    context.modality_ids, context.markable = torch.tensor([[0, 1, 1, 0, 0]]), frozenset({"text", "image"})
     with torch.no_grad():
         got = layer(x)
         y = layer.base_layer(x).reshape(5, -1)
         hidden = torch.relu(y @ layer.modex_down["default"].T)
         up = layer.modex_up["default"].view(-1, 3, 4)  # experts in name order: cross_modal, text, visual
         allowed = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 0, 1], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
-        logits = (y @ layer.modex_router["default"].T / 10.0).masked_fill(~allowed, float("-inf"))
+        router = y @ layer.modex_router["default"].T + layer.modex_router_bias["default"]
+        logits = (router / 10.0).masked_fill(~allowed, float("-inf"))
         weights = torch.softmax(logits, -1)
         expected = y + sum(weights[:, e : e + 1] * (hidden @ up[:, e].T) for e in range(3))
     torch.testing.assert_close(got.reshape(5, -1), expected, rtol=1e-5, atol=1e-6)

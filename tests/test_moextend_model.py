@@ -115,7 +115,7 @@ def test_eager_and_grouped_mm_experts_agree(family):
         with torch.no_grad():
             logits.append(peft_model(**batch).logits)
         routed_new = sum(
-            int(m.routing_record.dispatch_mask[:, NUM_EXPERTS:].sum())
+            int(m.routing_records["default"].dispatch_mask[:, NUM_EXPERTS:].sum())
             for m in model.modules()
             if isinstance(m, MoExtendLayer)
         )

@@ -7,22 +7,24 @@ import torch
 from torch import nn
 
 from peft_moextend import SMoLAConfig
-from peft_moextend.forward_context import ForwardContext
+from peft_moextend.call_inputs import CallInputs
+from peft_moextend.modality import MODALITIES
 from peft_moextend.smola import SMoLALayer
 from peft_moextend.smola.router import group_softmax, group_top_k_mask
 
 
 class _Host(nn.Module):
-    """A bare module to attach a ForwardContext to (layer tests feed modality ids directly)."""
+    """A bare module to attach CallInputs to (layer tests feed modality ids directly)."""
 
     def forward(self, x):
         return x
 
 
-def make_layer(config: SMoLAConfig, tower: str | None = None, seed: int = 0) -> tuple[SMoLALayer, ForwardContext]:
+def make_layer(config: SMoLAConfig, in_vision_tower: bool = False, seed: int = 0) -> tuple[SMoLALayer, CallInputs]:
     torch.manual_seed(seed)
-    context = ForwardContext.of(_Host())
-    layer = SMoLALayer(nn.Linear(16, 12), "lin", tower, context)
+    context = CallInputs.attach(_Host())
+    context.markable = frozenset(MODALITIES)  # the tests set `modality_ids` directly, as an explicit one would be
+    layer = SMoLALayer(nn.Linear(16, 12), "model.vision_tower.lin" if in_vision_tower else "lin", context)
     layer.update_layer("default", config)
     with torch.no_grad():  # B starts at zero; give every expert a distinct, non-zero up projection
         layer.smola_B["default"].normal_()
@@ -71,7 +73,7 @@ def test_batched_mixture_equals_per_expert_loop(router):
 
 def test_tower_layers_treat_all_tokens_as_the_tower_modality():
     config = SMoLAConfig(r=2, expert_groups={"text": 2, "image": 2})
-    layer, context = make_layer(config, tower="image")
+    layer, context = make_layer(config, in_vision_tower=True)
     context.modality_ids = None  # towers never look at the language model's positions
     x = torch.randn(7, 16)
     with torch.no_grad():
@@ -82,7 +84,7 @@ def test_tower_layers_treat_all_tokens_as_the_tower_modality():
 
 def test_zero_up_projections_start_as_the_base_layer():
     torch.manual_seed(0)
-    layer = SMoLALayer(nn.Linear(16, 12), "lin", None, ForwardContext.of(_Host()))
+    layer = SMoLALayer(nn.Linear(16, 12), "lin", CallInputs.attach(_Host()))
     layer.update_layer("default", SMoLAConfig(expert_groups={"multimodal": 4}))
     x = torch.randn(3, 16)
     assert torch.equal(layer(x), layer.base_layer(x))

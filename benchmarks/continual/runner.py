@@ -168,7 +168,7 @@ def routing_statistics(model, towers: Towers, tasks: list[Task], test_rows: dict
             modality_ids = batch["modality_ids"].reshape(-1)
             valid = batch["attention_mask"].reshape(-1).bool()
             for index, layer in layers.items():
-                dispatch = layer.routing_record.dispatch_mask.float()  # (t, e)
+                dispatch = layer.routing_records["default"].dispatch_mask.float()  # (t, e)
                 counts["modality"][index] = counts["modality"][index] + dispatch[valid & (modality_ids > 0)].sum(0)
                 counts["text"][index] = counts["text"][index] + dispatch[valid & (modality_ids == 0)].sum(0)
 

@@ -5,70 +5,92 @@ Einstein notation: t - tokens, i - in features, o - out features, e - experts of
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..forward_context import ForwardContext
-from ..quantization import linear_features
-from ..tuner_utils import stage_container
+from ..call_inputs import CallInputs
+from ..experts import kaiming_uniform_experts
+from ..tuner_utils import LinearExpertLayer, stage_container
 from .config import CMoEConfig
 from .locator import locator_size, task_scores
 
 
-class CMoELayer(nn.Module, BaseTunerLayer):
+class TaskSelection:
+    """The per-sample task of the current call, per CMoE adapter of one model.
+
+    The adapter's locator layer (the first layer holding the adapter, which every call reaches first) resolves the
+    tasks and sets them; the adapter's other layers read them for the same call (`CallInputs.call_index`). They are
+    kept across the decoding steps of one cached `generate()`.
+    """
+
+    def __init__(self) -> None:
+        self._chosen: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def set(self, adapter_name: str, call_index: int, task_ids: torch.Tensor) -> None:
+        self._chosen[adapter_name] = (call_index, task_ids)
+
+    def of_call(self, adapter_name: str, call_index: int) -> torch.Tensor | None:
+        """`(b,)` task indices chosen in call `call_index`, or None."""
+        chosen = self._chosen.get(adapter_name)
+        return chosen[1] if chosen is not None and chosen[0] == call_index else None
+
+    def latest(self, adapter_name: str) -> torch.Tensor | None:
+        """`(b,)` task indices of the adapter's latest call (the previous step of a cached generation)."""
+        chosen = self._chosen.get(adapter_name)
+        return None if chosen is None else chosen[1]
+
+
+class CMoELayer(LinearExpertLayer):
     """A linear `base_layer` (frozen) plus, per adapter and task k, optional experts and a router.
 
     Added tensors, in containers keyed by adapter (task k's containers are named with its index, so that every
     saved key ends in `<container>`): `cmoe_A_k` `(n_k*r, i)` and `cmoe_B_k` `(o, n_k*r)` (zero-initialised) for the
     n_k experts task k added here, and `cmoe_router_k` `(e_k, i)` over all e_k experts up to task k. Task k routes
     only over those e_k experts, whose tensors never change after task k: adding tasks never changes task k's
-    outputs. The layer that sees the model's input first also holds the task locator (`cmoe_locator_k`).
+    outputs. The first layer holding an adapter is its locator layer (`cmoe_is_locator`): it resolves each sample's
+    task and holds the task locator (`cmoe_locator_k`).
     """
 
-    def __init__(self, base_layer: nn.Module, module_name: str, context: ForwardContext, is_locator: bool) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.module_name = module_name
-        self.in_features, self.out_features = linear_features(base_layer, module_name, "CMoE")
-        self._context = context
-        self.is_locator = is_locator
+    method_name = "CMoE"
+
+    def __init__(
+        self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs, task_selection: TaskSelection
+    ) -> None:
+        super().__init__(base_layer, module_name, call_inputs)
+        self.task_selection = task_selection
         self.adapter_layer_names: tuple[str, ...] = ()
-        self.other_param_names: tuple[str, ...] = ("cmoe_scaling", "cmoe_experts")
+        self.other_param_names: tuple[str, ...] = ("cmoe_scaling", "cmoe_experts", "cmoe_settings", "cmoe_is_locator")
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.cmoe_scaling: dict[str, float] = {}
         self.cmoe_experts: dict[str, list[int]] = {}  # adapter -> experts added by each task
         self.cmoe_settings: dict[str, CMoEConfig] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
+        self.cmoe_is_locator: dict[str, bool] = {}
 
     def _container(self, kind: str, task: int) -> nn.ParameterDict:
         return stage_container(self, f"cmoe_{kind}_{task}", trainable=kind != "locator")
 
-    def add_task(self, adapter_name: str, config: CMoEConfig, extend: bool) -> None:
-        """Append the next task of `adapter_name`: `config.experts_per_task` experts if `extend`, and its router."""
-        task = len(self.cmoe_experts.setdefault(adapter_name, []))
+    def add_adapter(self, adapter_name: str, config: CMoEConfig, is_locator: bool) -> None:
+        """Hold adapter `adapter_name` (no task yet); `is_locator`: this is the adapter's first layer."""
         self.cmoe_settings[adapter_name] = config
         self.cmoe_scaling[adapter_name] = config.lora_alpha / config.r
-        device = next(self.base_layer.parameters()).device
+        self.cmoe_experts.setdefault(adapter_name, [])
+        self.cmoe_is_locator[adapter_name] = is_locator
+
+    def add_task(self, adapter_name: str, config: CMoEConfig, extend: bool) -> None:
+        """Append the next task of `adapter_name`: `config.experts_per_task` experts if `extend`, and its router."""
+        task = len(self.cmoe_experts[adapter_name])
         added = config.experts_per_task if extend else 0
         if added:
-            weight_a = torch.empty(added * config.r, self.in_features)
-            for expert in weight_a.view(added, config.r, self.in_features):
-                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-            self._container("A", task)[adapter_name] = nn.Parameter(weight_a.to(device))
-            self._container("B", task)[adapter_name] = nn.Parameter(
-                torch.zeros(self.out_features, added * config.r, device=device)
+            self._container("A", task)[adapter_name] = nn.Parameter(
+                kaiming_uniform_experts(added, config.r, self.in_features)
             )
+            self._container("B", task)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, added * config.r))
         self.cmoe_experts[adapter_name].append(added)
         total = sum(self.cmoe_experts[adapter_name])
         if total:
-            self._container("router", task)[adapter_name] = nn.Parameter(
-                torch.zeros(total, self.in_features, device=device)
-            )
+            self._container("router", task)[adapter_name] = nn.Parameter(torch.zeros(total, self.in_features))
+        self.place_adapter(adapter_name)
         # earlier tasks stay frozen, whatever set_adapter does later
         self.frozen_peft_weight_names[adapter_name] = tuple(
             f"cmoe_{kind}_{k}" for k in range(task) for kind in ("A", "B", "router")
@@ -84,31 +106,42 @@ class CMoELayer(nn.Module, BaseTunerLayer):
                 del container[adapter_name]
         self.cmoe_experts[adapter_name].pop()
 
+    def place_adapter(self, adapter_name: str) -> None:
+        super().place_adapter(adapter_name)
+        for name in self.other_param_names:  # density models stay float32 on every base
+            if name.startswith("cmoe_locator_") and adapter_name in getattr(self, name):
+                self.set_locator(adapter_name, int(name.rsplit("_", 1)[1]), getattr(self, name)[adapter_name])
+
     def set_locator(self, adapter_name: str, task: int, vector: torch.Tensor) -> None:
-        self._container("locator", task)[adapter_name] = nn.Parameter(vector, requires_grad=False)
+        """Store task `task`'s density model (a flat float32 vector, never trained by backprop)."""
+        self._container("locator", task)[adapter_name] = nn.Parameter(vector.float(), requires_grad=False)
 
     def add_locator_placeholder(self, adapter_name: str, task: int) -> None:
         config = self.cmoe_settings[adapter_name]
         size = locator_size(config.locator, self.in_features, config.locator_latent_size)
-        self.set_locator(adapter_name, task, torch.zeros(size))
+        self.set_locator(adapter_name, task, torch.zeros(size, device=self._device()))
+
+    def _device(self) -> torch.device:
+        return next(self.base_layer.parameters()).device
 
     def pooled_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """`(b, i)` mean of each sample's input tokens (padding excluded)."""
         x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
-        mask = self._context.attention_mask
+        mask = self.call_inputs.attention_mask
         if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
             return x.mean(dim=1)
         weights = mask.to(x.dtype).unsqueeze(-1)
         return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
 
     def _resolve_task_ids(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample task index `(b,)`: explicit `task=`, else (training, or a single task) the newest task, else
-        the locator."""
-        context, tasks = self._context, [t["name"] for t in self.cmoe_settings[adapter_name].tasks]
+        """Per-sample task index `(b,)`: the previous step's in a cached generation, else explicit `task=`, else
+        (training, or a single task) the newest task, else the locator."""
+        inputs, tasks = self.call_inputs, [t["name"] for t in self.cmoe_settings[adapter_name].tasks]
         batch = x.shape[0] if x.dim() > 2 else 1
-        if context.is_continuation and context.task_ids is not None:
-            return context.task_ids
-        request = context.task_request
+        previous = self.task_selection.latest(adapter_name)
+        if inputs.is_continuation and previous is not None and previous.shape[0] == batch:
+            return previous
+        request = inputs.task_request
         if request is not None:
             names = [request] * batch if isinstance(request, str) else list(request)
             unknown = sorted(set(names) - set(tasks))
@@ -129,37 +162,49 @@ class CMoELayer(nn.Module, BaseTunerLayer):
         scores = task_scores(config.locator, self.pooled_inputs(x), models, config.locator_latent_size)
         return scores.argmax(dim=-1)
 
+    def _task_ids(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """`(b,)` task of each sample for this call: resolved here on the adapter's locator layer, else read."""
+        call_index = self.call_inputs.call_index
+        if self.cmoe_is_locator.get(adapter_name):
+            task_ids = self._resolve_task_ids(adapter_name, x)
+            self.task_selection.set(adapter_name, call_index, task_ids)
+            return task_ids
+        task_ids = self.task_selection.of_call(adapter_name, call_index)
+        if task_ids is None:
+            raise ValueError(
+                f"CMoE could not tell the task of this call for adapter {adapter_name!r}: its first layer did not run "
+                "before this one. Pass `task=` to forward/generate."
+            )
+        return task_ids
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """x: `(..., i)`; returns `(..., o)`."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
             return result
-        if self.is_locator and self.training and torch.is_grad_enabled():
-            empty = [a for a in self.active_adapters if a in self.cmoe_experts and not self.cmoe_experts[a]]
-            if empty:
-                raise ValueError(
-                    f"CMoE adapter {empty[0]!r} has no task yet, so there is nothing to train: call "
-                    "`model.base_model.add_task(name, probe_data=...)` first."
-                )
-        active = [a for a in self.active_adapters if self.cmoe_experts.get(a)]
-        if not active:
-            return result
-        for adapter in active:
-            if self.is_locator:
-                self._context.task_ids = self._resolve_task_ids(adapter, x)
-            task_ids = self._context.task_ids
-            if task_ids is None:
-                raise ValueError("CMoE could not tell the task of this call: pass `task=` to forward/generate.")
-            result = result + self._mixture(adapter, x, task_ids).to(result.dtype)
+        for adapter in self.active_adapters:
+            if adapter not in self.cmoe_experts:
+                continue
+            if not self.cmoe_experts[adapter]:
+                if self.cmoe_is_locator.get(adapter) and self.training and torch.is_grad_enabled():
+                    raise ValueError(
+                        f"CMoE adapter {adapter!r} has no task yet, so there is nothing to train: call "
+                        "`model.base_model.add_task(name, probe_data=...)` first."
+                    )
+                continue
+            delta = self._mixture(adapter, x, self._task_ids(adapter, x))
+            if delta is not None:
+                result = result + delta.to(result.dtype)
         return result
 
-    def _mixture(self, adapter: str, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Each sample's task router mixes that task's experts; one batched pass per task present."""
+    def _mixture(self, adapter: str, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor | None:
+        """`(..., o)`: each sample's task router mixes that task's experts; one batched pass per task present. None
+        when no task present has experts in this layer."""
         tokens = x.reshape(-1, x.shape[-1])  # (t, i)
         per_sample = tokens.shape[0] // task_ids.shape[0]
         token_task = task_ids.repeat_interleave(per_sample)  # (t,)
-        delta = tokens.new_zeros(tokens.shape[0], self.out_features, dtype=torch.float32)
         rank, scaling = self.cmoe_settings[adapter].r, self.cmoe_scaling[adapter]
+        delta = None
         for task in torch.unique(token_task).tolist():
             routers = getattr(self, f"cmoe_router_{task}", None)
             if routers is None or adapter not in routers:  # no expert in this layer up to this task
@@ -169,15 +214,18 @@ class CMoELayer(nn.Module, BaseTunerLayer):
             weight_a = torch.cat([getattr(self, f"cmoe_A_{k}")[adapter] for k in owners])  # (e*r, i)
             weight_b = torch.cat([getattr(self, f"cmoe_B_{k}")[adapter] for k in owners], dim=1)  # (o, e*r)
             rows = token_task == task
-            inputs = tokens[rows].to(weight_a.dtype) if not bool(rows.all()) else tokens.to(weight_a.dtype)
+            every_row = bool(rows.all())
+            inputs = self._cast_input_dtype(tokens if every_row else tokens[rows], weight_a.dtype)
             gates = F.softmax(F.linear(inputs, router), dim=-1)  # (t, e)
             hidden = F.linear(inputs, weight_a).view(-1, gates.shape[-1], rank) * gates.unsqueeze(-1)
             out = F.linear(hidden.flatten(1), weight_b) * scaling  # (t, o)
-            if bool(rows.all()):
+            if every_row:
                 delta = out
             else:
+                # in the dtype the experts computed in (bfloat16 under autocast)
+                delta = out.new_zeros(tokens.shape[0], out.shape[-1]) if delta is None else delta.to(out.dtype)
                 delta[rows] = out
-        return delta.reshape(*x.shape[:-1], -1)
+        return None if delta is None else delta.reshape(*x.shape[:-1], -1)
 
     def __repr__(self) -> str:
         return "cmoe." + super().__repr__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable
 from typing import Any
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..tuner_utils import ExpertTuner
 from .config import CMoEConfig
-from .layer import CMoELayer
+from .layer import CMoELayer, TaskSelection
 from .locator import fit_task_model, task_scores
 
 
@@ -29,6 +30,11 @@ class CMoEModel(ExpertTuner):
     method_name = "CMoE"
     merge_refusal = "each sample is routed to its own task's experts, so no single weight update equals the adapter."
 
+    def _pre_injection_hook(self, model: nn.Module, config: CMoEConfig, adapter_name: str) -> None:
+        super()._pre_injection_hook(model, config, adapter_name)
+        existing = next((m for m in model.modules() if isinstance(m, CMoELayer)), None)
+        self.task_selection = existing.task_selection if existing is not None else TaskSelection()
+
     def _create_and_replace(
         self,
         peft_config: CMoEConfig,
@@ -39,17 +45,17 @@ class CMoEModel(ExpertTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        # the adapter's first layer (module order = the order a call reaches them) resolves each sample's task
+        is_locator = not any(adapter_name in m.cmoe_experts for m in self._layers())
         if isinstance(target, CMoELayer):
             layer = target
         else:
-            is_first = not any(isinstance(m, CMoELayer) for m in self.model.modules())
-            layer = CMoELayer(target, current_key, self._forward_context, is_locator=is_first)
+            layer = CMoELayer(target, current_key, self.call_inputs, self.task_selection)
             self._install_layer(parent, target_name, target, layer, adapter_name)
-        layer.cmoe_settings[adapter_name] = peft_config
-        layer.cmoe_experts.setdefault(adapter_name, [])
+        layer.add_adapter(adapter_name, peft_config, is_locator)
         for index, task in enumerate(peft_config.tasks):  # rebuild saved tasks (loading)
             layer.add_task(adapter_name, peft_config, extend=task["layers"] is None or current_key in task["layers"])
-            if layer.is_locator and task.get("locator"):
+            if is_locator and task.get("locator"):
                 layer.add_locator_placeholder(adapter_name, index)
 
     # -- tasks -------------------------------------------------------------------------------------------------
@@ -83,18 +89,24 @@ class CMoEModel(ExpertTuner):
         config.tasks.append({"name": name, "layers": sorted(chosen)})
         for key, layer in layers.items():
             layer.add_task(adapter_name, config, extend=key in chosen)
+        self._cast_new_stage(adapter_name)
         return {"extended_layers": sorted(chosen), "probe_shares": shares}
 
     def _probe(self, adapter_name: str, config: CMoEConfig, layers: dict[str, CMoELayer], batches) -> dict:
-        """Train one probe expert per layer as a temporary task; return each layer's mean gate on its probe."""
-        experts_per_task, config.experts_per_task = config.experts_per_task, 1
-        config.tasks.append({"name": "__probe__", "layers": None})
+        """Train one probe expert per layer as a temporary task (on a copy of the config: the adapter's own config
+        never holds the probe); return each layer's mean gate on its probe."""
+        probe_config = dataclasses.replace(
+            config, experts_per_task=1, tasks=[*config.tasks, {"name": "__probe__", "layers": None}]
+        )
+        was_training = self.model.training
+        hooks = []
         try:
             for layer in layers.values():
-                layer.add_task(adapter_name, config, extend=True)
+                layer.cmoe_settings[adapter_name] = probe_config
+                layer.add_task(adapter_name, probe_config, extend=True)
+            self._cast_new_stage(adapter_name)
             params = [p for p in self.model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.probe_learning_rate)
-            was_training = self.model.training
             self.model.train()
             batches = list(itertools.islice(batches, config.probe_steps))
             for batch in tqdm(batches, desc="PGKE probes", leave=False):
@@ -109,14 +121,13 @@ class CMoEModel(ExpertTuner):
             with torch.no_grad():
                 for batch in batches:
                     self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        finally:
             for hook in hooks:
                 hook.remove()
             self.model.train(was_training)
-        finally:
-            config.experts_per_task = experts_per_task
-            config.tasks.pop()
             for layer in layers.values():
                 layer.remove_last_task(adapter_name)
+                layer.cmoe_settings[adapter_name] = config
                 layer.set_adapter(layer.active_adapters)
         return {key: float(torch.tensor(values).mean()) for key, values in shares.items()}
 
@@ -132,7 +143,7 @@ class CMoEModel(ExpertTuner):
 
     # -- task locator ------------------------------------------------------------------------------------------
     def _locator_layer(self, adapter_name: str) -> CMoELayer:
-        return next(m for m in self._layers() if m.is_locator and adapter_name in m.cmoe_experts)
+        return next(m for m in self._layers() if m.cmoe_is_locator.get(adapter_name))
 
     @torch.no_grad()
     def _pooled(self, adapter_name: str, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -156,7 +167,7 @@ class CMoEModel(ExpertTuner):
             config.locator, self._pooled(adapter_name, batches), config.locator_latent_size, config.locator_epochs
         )
         layer = self._locator_layer(adapter_name)
-        layer.set_locator(adapter_name, index, vector.to(next(layer.base_layer.parameters()).device))
+        layer.set_locator(adapter_name, index, vector.to(layer._device()))
         config.tasks[index]["locator"] = True
 
     def locate(self, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None) -> list[str]:

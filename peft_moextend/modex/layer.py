@@ -5,57 +5,52 @@ Einstein notation: t - tokens, o - features of the adapted output, b - bottlenec
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..forward_context import ForwardContext
+from ..call_inputs import CallInputs
+from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
-from ..quantization import linear_features
+from ..tuner_utils import LinearExpertLayer
 from .config import ModeXConfig
 
 
-class ModeXLayer(nn.Module, BaseTunerLayer):
+class ModeXLayer(LinearExpertLayer):
     """Linear `base_layer` followed by `y + sum_e w_e(y) up_e(ReLU(down(y)))`.
 
     Added tensors (prefixed `modex_`): `modex_down[adapter]` `(b, o)`, `modex_up[adapter]` `(o, e*b)` — all experts'
-    up-projections side by side, zero-initialised so the layer starts as the base layer — and `modex_router[adapter]`
-    `(e, o)`. Experts a token's modality may not use get weight 0.
+    up-projections side by side, zero-initialised so the layer starts as the base layer — and the coordinator
+    `modex_router[adapter]` `(e, o)` with `modex_router_bias[adapter]` `(e,)`, initialised as a default
+    `nn.Linear(o, e)` (as the reference code): a zero router would give every expert the same weight, so the
+    identical zero-initialised experts would receive identical updates forever and the coordinator no gradient.
+    Experts a token's modality may not use get weight 0.
     """
 
-    adapter_layer_names = ("modex_down", "modex_up", "modex_router")
+    method_name = "ModeX"
+    adapter_layer_names = ("modex_down", "modex_up", "modex_router", "modex_router_bias")
     other_param_names = ("modex_settings",)
 
-    def __init__(self, base_layer: nn.Module, module_name: str, tower_modality: str | None, context: ForwardContext):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_features(base_layer, module_name, "ModeX")
-        self.tower_modality = tower_modality
-        self._context = context
+    def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
+        super().__init__(base_layer, module_name, call_inputs)
         self.modex_down = nn.ParameterDict()
         self.modex_up = nn.ParameterDict()
         self.modex_router = nn.ParameterDict()
+        self.modex_router_bias = nn.ParameterDict()
         self.modex_settings: dict[str, _ExpertSettings] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, config: ModeXConfig) -> None:
-        device = next(self.base_layer.parameters()).device
-        down = torch.empty(config.bottleneck_size, self.out_features)
-        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-        self.modex_down[adapter_name] = nn.Parameter(down.to(device))
-        self.modex_up[adapter_name] = nn.Parameter(
-            torch.zeros(self.out_features, len(config.experts) * config.bottleneck_size, device=device)
+        num_experts = len(config.experts)
+        self.modex_down[adapter_name] = nn.Parameter(
+            kaiming_uniform_experts(1, config.bottleneck_size, self.out_features)
         )
-        self.modex_router[adapter_name] = nn.Parameter(
-            torch.zeros(len(config.experts), self.out_features, device=device)
-        )
+        self.modex_up[adapter_name] = nn.Parameter(torch.zeros(self.out_features, num_experts * config.bottleneck_size))
+        router = nn.Linear(self.out_features, num_experts)
+        self.modex_router[adapter_name] = nn.Parameter(router.weight.detach())
+        self.modex_router_bias[adapter_name] = nn.Parameter(router.bias.detach())
         self.modex_settings[adapter_name] = _ExpertSettings(config)
-        if self.tower_modality is None:
-            self._context.required_modalities.update(self.modex_settings[adapter_name].needed_modalities)
+        self.place_adapter(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -67,12 +62,11 @@ class ModeXLayer(nn.Module, BaseTunerLayer):
         outputs = result.reshape(-1, result.shape[-1])  # (t, o)
         for adapter in active:
             settings, down = self.modex_settings[adapter], self.modex_down[adapter]
-            y = outputs.to(down.dtype)
-            logits = F.linear(y, self.modex_router[adapter]) / settings.temperature  # (t, e)
-            if settings.uses_masks:
-                modalities = self._context.layer_modality_ids(y.shape[0], self.tower_modality, y.device, "ModeX")
-                eligible = settings.eligible(modalities)
-                logits = logits.masked_fill(~eligible, float("-inf"))
+            y = self._cast_input_dtype(outputs, down.dtype)
+            logits = F.linear(y, self.modex_router[adapter], self.modex_router_bias[adapter]) / settings.temperature
+            if settings.uses_masks:  # (t, e)
+                modalities = self.modality_ids(y.shape[0], settings.needed_modalities, y.device)
+                logits = logits.masked_fill(~settings.eligible(modalities), float("-inf"))
             weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a token no expert may serve gets none
             hidden = F.relu(F.linear(y, down))  # (t, b)
             mixed = (weights.unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
@@ -96,15 +90,16 @@ class ModeXNormLayer(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.features = features
+        self.in_features = self.out_features = features
         self.modex_norm_scale = nn.ParameterDict()
         self.modex_norm_shift = nn.ParameterDict()
         self._disable_adapters = False
         self.merged_adapters = []
 
     def update_layer(self, adapter_name: str, config: ModeXConfig) -> None:
-        device = next(self.base_layer.parameters()).device
-        self.modex_norm_scale[adapter_name] = nn.Parameter(torch.ones(self.features, device=device))
-        self.modex_norm_shift[adapter_name] = nn.Parameter(torch.zeros(self.features, device=device))
+        self.modex_norm_scale[adapter_name] = nn.Parameter(torch.ones(self.features))
+        self.modex_norm_shift[adapter_name] = nn.Parameter(torch.zeros(self.features))
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

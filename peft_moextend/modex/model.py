@@ -7,7 +7,6 @@ from typing import Any
 
 from torch import nn
 
-from ..modality import tower_modality
 from ..targets import language_model_name
 from ..tuner_utils import ExpertTuner
 from .config import ModeXConfig
@@ -25,7 +24,7 @@ class ModeXModel(ExpertTuner):
     """Modality-expert coordinated serial adapters (ModeX) on a transformers model.
 
     Use through `peft.get_peft_model(model, ModeXConfig(...))` after `import peft_moextend`. Token modalities come
-    from the placeholder tokens or an explicit `modality_ids` (see `peft_moextend.forward_context`).
+    from the placeholder tokens or an explicit `modality_ids` (see `peft_moextend.call_inputs`).
     """
 
     prefix: str = "modex_"
@@ -77,6 +76,6 @@ class ModeXModel(ExpertTuner):
         if _is_norm(target):
             layer = ModeXNormLayer(target, target.weight.shape[0])
         else:
-            layer = ModeXLayer(target, current_key, tower_modality(current_key), self._forward_context)
+            layer = ModeXLayer(target, current_key, self.call_inputs)
         layer.update_layer(adapter_name, peft_config)
         self._install_layer(parent, target_name, target, layer, adapter_name)

@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..call_inputs import CallInputs
 from ..experts import added_experts_forward
-from ..forward_context import ForwardContext
-from ..modality import modality_index
+from ..modality import MODALITIES, modality_index
 from ..moe_families import MoEFamily, experts_are_transposed
-from ..routing import RoutingRecord, dispatch_mask_from_top_k
+from ..routing import RoutedLayer, RoutingRecord, dispatch_mask_from_top_k
 from .config import MoExtendConfig
 from .router import extended_routing
 
 
-class MoExtendLayer(nn.Module, BaseTunerLayer):
+class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
     """An MoE block (`base_layer`, frozen) plus, per adapter, `n` new experts with their router rows.
 
     Added parameters (all trainable, all prefixed `moextend_`):
@@ -39,12 +39,12 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
     )
     other_param_names = ("moextend_modalities", "moextend_aux_loss_coef")
 
-    def __init__(self, base_layer: nn.Module, family: MoEFamily, layer_index: int, context: ForwardContext) -> None:
+    def __init__(self, base_layer: nn.Module, family: MoEFamily, layer_index: int, call_inputs: CallInputs) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.family = family
         self.layer_index = layer_index
-        self._context = context
+        self.call_inputs = call_inputs
         self.moextend_gate_up_proj = nn.ParameterDict()
         self.moextend_down_proj = nn.ParameterDict()
         self.moextend_router = nn.ParameterDict()
@@ -52,14 +52,9 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         self.moextend_calibration_out = nn.ParameterDict()
         self.moextend_modalities: dict[str, torch.Tensor | None] = {}
         self.moextend_aux_loss_coef: dict[str, float] = {}
-        self.routing_record: RoutingRecord | None = None
+        self.routing_records: dict[str, RoutingRecord] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-
-    @property
-    def router_aux_loss_coef(self) -> float:
-        """Load-balancing loss coefficient of the adapter that produced `routing_record`."""
-        return self.moextend_aux_loss_coef.get(self.active_adapters[0], 0.0) if self.active_adapters else 0.0
 
     @property
     def num_base_experts(self) -> int:
@@ -95,7 +90,6 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         self.moextend_modalities[adapter_name] = (
             None if modalities is None else torch.tensor([modality_index(m) for m in modalities])
         )
-        self._context.required_modalities.update(m for m in modalities or () if m != "text")
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -113,28 +107,28 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
             self.moextend_router[adapter_name].copy_(router_weight[source_expert].unsqueeze(0))
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        # An MoE block has no `weight`: follow its experts' device; adapters stay float32 as PEFT's autocast does.
-        target = device if device is not None else self.base_layer.experts.gate_up_proj.device
+        """An MoE block has no `weight`: follow its experts' device and (floating) dtype, as PEFT's LoRA follows its
+        base weight; PEFT's `autocast_adapter_dtype=True` then upcasts float16/bfloat16 to float32."""
+        experts = self.base_layer.experts.gate_up_proj
+        target = device if device is not None else experts.device
+        dtype = experts.dtype if experts.dtype.is_floating_point else None
         for name in self.adapter_layer_names:
             container = getattr(self, name)
             if adapter_name in container and container[adapter_name].device.type != "meta":
                 container[adapter_name] = nn.Parameter(
-                    container[adapter_name].to(target), requires_grad=container[adapter_name].requires_grad
+                    container[adapter_name].to(target, dtype=dtype), requires_grad=container[adapter_name].requires_grad
                 )
 
-    def _eligible_tokens(self, adapter_name: str, num_tokens: int) -> torch.Tensor | None:
+    def _eligible_tokens(self, adapter_name: str, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         """`(t,)` bool: tokens allowed to use the new experts; None means all tokens."""
         allowed = self.moextend_modalities.get(adapter_name)
         if allowed is None:
             return None
-        modality_ids = self._context.token_modality_ids(num_tokens)
-        if modality_ids is None:
-            raise ValueError(
-                "This MoExtend adapter uses `restrict_to_modalities`, but the modality of the tokens of this call is "
-                "unknown: pass `input_ids` containing the model's placeholder tokens, or an explicit integer "
-                "`modality_ids` tensor of shape (batch, seq) to the PEFT model's forward/generate."
-            )
-        return torch.isin(modality_ids, allowed.to(modality_ids.device))
+        needed = [MODALITIES[i] for i in allowed.tolist()]
+        modality_ids = self.call_inputs.layer_modality_ids(
+            num_tokens, None, needed, device, "MoExtend (`restrict_to_modalities`)"
+        )
+        return torch.isin(modality_ids, allowed.to(device))
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         """hidden_states: `(b, s, h)`; returns what the base block returns (Llama 4: `(out, router_logits)`)."""
@@ -151,9 +145,9 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
         adapter = active[0]
         input_shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, input_shape[-1])  # (t, h)
-        eligible = self._eligible_tokens(adapter, hidden.shape[0])
+        eligible = self._eligible_tokens(adapter, hidden.shape[0], hidden.device)
         if eligible is not None and not bool(eligible.any()):
-            self.routing_record = None
+            self.routing_records.pop(adapter, None)
             return self.base_layer(hidden_states, *args, **kwargs)
 
         block, family = self.base_layer, self.family
@@ -173,12 +167,15 @@ class MoExtendLayer(nn.Module, BaseTunerLayer):
             # Ineligible tokens keep the base router's exact choice and weights.
             top_k_index = torch.where(eligible[:, None], top_k_index, base_index)
             top_k_weights = torch.where(eligible[:, None], top_k_weights, base_weights)
-        token_mask = self._context.token_attention_mask(hidden.shape[0])
+        token_mask = self.call_inputs.token_attention_mask(hidden.shape[0])
         if eligible is not None:
             token_mask = eligible if token_mask is None else token_mask & eligible
         num_experts = logits.shape[-1]
-        self.routing_record = RoutingRecord(
-            F.softmax(logits.float(), dim=-1), dispatch_mask_from_top_k(top_k_index, num_experts), token_mask
+        self.routing_records[adapter] = RoutingRecord(
+            F.softmax(logits.float(), dim=-1),
+            dispatch_mask_from_top_k(top_k_index, num_experts),
+            token_mask,
+            self.moextend_aux_loss_coef[adapter],
         )
 
         num_base = self.num_base_experts

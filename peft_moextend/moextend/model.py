@@ -30,7 +30,7 @@ class MoExtendModel(ExpertTuner):
     `generate` accept `modality_ids` (`(batch, seq)` ints indexing `peft_moextend.modality.MODALITIES`), which
     overrides the placeholder-token derivation. The load-balancing loss over old + new experts is returned as
     `outputs.router_aux_loss` and, times `router_aux_loss_coef`, added to `outputs.loss` when labels are given
-    (see `peft_moextend.forward_context`).
+    (see `peft_moextend.call_inputs`).
     """
 
     prefix: str = "moextend_"
@@ -116,7 +116,7 @@ class MoExtendModel(ExpertTuner):
         if isinstance(target, MoExtendLayer):
             target.update_layer(adapter_name, peft_config, source)
             return
-        new_module = MoExtendLayer(target, family, layer_index, self._forward_context)
+        new_module = MoExtendLayer(target, family, layer_index, self.call_inputs)
         new_module.update_layer(adapter_name, peft_config, source)
         self._install_layer(parent, target_name, target, new_module, adapter_name)
 

@@ -5,23 +5,20 @@ Einstein notation: t - tokens, i - in features, o - out features, r - rank, a - 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..forward_context import ForwardContext
+from ..call_inputs import CallInputs
+from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
-from ..quantization import linear_features
-from ..tuner_utils import stage_container
+from ..tuner_utils import LinearExpertLayer, stage_container
 from .config import PathWeaveConfig
 
 _KINDS = ("down", "up", "scale", "inadapter", "gate")
 
 
-class PathWeaveLayer(nn.Module, BaseTunerLayer):
+class PathWeaveLayer(LinearExpertLayer):
     """A linear `base_layer` plus, per adapter and modality stage k (the k-th modality added):
 
     `pathweave_down_k` `(r, i)`, `pathweave_up_k` `(o, r)` (zero), `pathweave_scale_k` `(1,)` (one) — the uni-modal
@@ -30,18 +27,14 @@ class PathWeaveLayer(nn.Module, BaseTunerLayer):
     get `sum_j g_j * s_j * up_j(h_j + h_j W_kj^T)` with `h_j = down_j x`; text tokens get nothing.
     """
 
-    def __init__(self, base_layer: nn.Module, module_name: str, tower_modality: str | None, context: ForwardContext):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_features(base_layer, module_name, "PathWeave")
-        self.tower_modality = tower_modality
-        self._context = context
+    method_name = "PathWeave"
+
+    def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
+        super().__init__(base_layer, module_name, call_inputs)
         self.adapter_layer_names: tuple[str, ...] = ()
         self.other_param_names: tuple[str, ...] = ("pathweave_modalities",)
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.pathweave_modalities: dict[str, list[str]] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
 
     def _container(self, kind: str, stage: int) -> nn.ParameterDict:
         return stage_container(self, f"pathweave_{kind}_{stage}")
@@ -50,24 +43,16 @@ class PathWeaveLayer(nn.Module, BaseTunerLayer):
         """Stage k = the next modality: freeze stages < k, add its adapter, in-adapters and gate."""
         modalities = self.pathweave_modalities.setdefault(adapter_name, [])
         stage = len(modalities)
-        device = next(self.base_layer.parameters()).device
-        down = torch.empty(config.r, self.in_features)
-        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-        self._container("down", stage)[adapter_name] = nn.Parameter(down.to(device))
-        self._container("up", stage)[adapter_name] = nn.Parameter(
-            torch.zeros(self.out_features, config.r, device=device)
+        self._container("down", stage)[adapter_name] = nn.Parameter(
+            kaiming_uniform_experts(1, config.r, self.in_features)
         )
-        self._container("scale", stage)[adapter_name] = nn.Parameter(torch.ones(1, device=device))
+        self._container("up", stage)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, config.r))
+        self._container("scale", stage)[adapter_name] = nn.Parameter(torch.ones(1))
         if stage:
-            self._container("inadapter", stage)[adapter_name] = nn.Parameter(
-                torch.zeros(stage, config.r, config.r, device=device)
-            )
-            self._container("gate", stage)[adapter_name] = nn.Parameter(
-                torch.zeros(stage + 1, self.in_features, device=device)
-            )
+            self._container("inadapter", stage)[adapter_name] = nn.Parameter(torch.zeros(stage, config.r, config.r))
+            self._container("gate", stage)[adapter_name] = nn.Parameter(torch.zeros(stage + 1, self.in_features))
         modalities.append(modality)
-        if modality != "text" and self.tower_modality is None:
-            self._context.required_modalities.add(modality)
+        self.place_adapter(adapter_name)
         self.frozen_peft_weight_names[adapter_name] = tuple(
             f"pathweave_{kind}_{k}" for k in range(stage) for kind in _KINDS
         )
@@ -78,7 +63,7 @@ class PathWeaveLayer(nn.Module, BaseTunerLayer):
         downs = torch.stack([getattr(self, f"pathweave_down_{k}")[adapter] for k in range(stage + 1)])  # (a, r, i)
         ups = torch.stack([getattr(self, f"pathweave_up_{k}")[adapter] for k in range(stage + 1)])  # (a, o, r)
         scales = torch.cat([getattr(self, f"pathweave_scale_{k}")[adapter] for k in range(stage + 1)])  # (a,)
-        x = x.to(downs.dtype)
+        x = self._cast_input_dtype(x, downs.dtype)
         hidden = torch.einsum("ti,ari->tar", x, downs)  # (t, a, r)
         if stage:
             inadapters = getattr(self, f"pathweave_inadapter_{stage}")[adapter]  # (a-1, r, r)
@@ -97,10 +82,11 @@ class PathWeaveLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters or self.merged or not active:
             return result
         tokens = x.reshape(-1, x.shape[-1])
-        token_modality = self._context.layer_modality_ids(tokens.shape[0], self.tower_modality, x.device, "PathWeave")
         delta = None
         for adapter in active:
-            for stage, modality in enumerate(self.pathweave_modalities[adapter]):  # loop over modalities present
+            modalities = self.pathweave_modalities[adapter]
+            token_modality = self.modality_ids(tokens.shape[0], modalities, x.device)
+            for stage, modality in enumerate(modalities):  # loop over modalities present
                 rows = token_modality == modality_index(modality)
                 if not bool(rows.any()):
                     continue

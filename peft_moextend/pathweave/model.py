@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..modality import tower_modality, validate_modalities
+from ..modality import validate_modalities
 from ..tuner_utils import ExpertTuner
 from .config import PathWeaveConfig
 from .layer import PathWeaveLayer
@@ -37,7 +37,7 @@ class PathWeaveModel(ExpertTuner):
     ) -> None:
         layer = target
         if not isinstance(target, PathWeaveLayer):
-            layer = PathWeaveLayer(target, current_key, tower_modality(current_key), self._forward_context)
+            layer = PathWeaveLayer(target, current_key, self.call_inputs)
             self._install_layer(parent, target_name, target, layer, adapter_name)
         for modality in peft_config.modalities:
             layer.add_modality(adapter_name, modality, peft_config)
@@ -53,6 +53,7 @@ class PathWeaveModel(ExpertTuner):
         for layer in self._layers():
             if adapter_name in layer.pathweave_modalities:
                 layer.add_modality(adapter_name, modality, config)
+        self._cast_new_stage(adapter_name)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         base = sum(p.numel() for n, p in self.model.named_parameters() if self.prefix not in n)
         return {"trainable": trainable, "fraction_of_base": trainable / base}

@@ -5,22 +5,20 @@ Einstein notation: t - tokens, i - in features, o - out features, e - experts (a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..forward_context import ForwardContext
+from ..call_inputs import CallInputs
+from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
-from ..quantization import linear_features
-from ..routing import RoutingRecord
+from ..routing import RoutedLayer, RoutingRecord
+from ..tuner_utils import LinearExpertLayer
 from .config import MULTIMODAL, SMoLAConfig
 from .router import route
 
 
-class SMoLALayer(nn.Module, BaseTunerLayer):
+class SMoLALayer(LinearExpertLayer, RoutedLayer):
     """A linear `base_layer` (frozen; nn.Linear or bitsandbytes 4/8-bit) plus, per adapter, `e` rank-`r` experts.
 
     Added parameters (prefixed `smola_`): `smola_A[adapter]` `(e*r, i)` — all experts' down projections stacked,
@@ -29,53 +27,30 @@ class SMoLALayer(nn.Module, BaseTunerLayer):
     `delta = scaling * B (gates (x) A x)`; tokens outside a group get gate 0 for its experts.
     """
 
+    method_name = "SMoLA expert groups"
     adapter_layer_names = ("smola_A", "smola_B", "smola_router")
     other_param_names = ("smola_scaling", "smola_dropout", "smola_settings")
 
-    def __init__(self, base_layer: nn.Module, module_name: str, tower_modality: str | None, context: ForwardContext):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = linear_features(base_layer, module_name, "SMoLA")
-        self.tower_modality = tower_modality
-        self._context = context
+    def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
+        super().__init__(base_layer, module_name, call_inputs)
         self.smola_A = nn.ParameterDict()
         self.smola_B = nn.ParameterDict()
         self.smola_router = nn.ParameterDict()
         self.smola_dropout = nn.ModuleDict()
         self.smola_scaling: dict[str, float] = {}
         self.smola_settings: dict[str, _GroupSettings] = {}
-        self.routing_record: RoutingRecord | None = None
-        self._disable_adapters = False
-        self.merged_adapters = []
-
-    @property
-    def router_aux_loss_coef(self) -> float:
-        settings = [self.smola_settings[a] for a in self.active_adapters if a in self.smola_settings]
-        return settings[0].aux_loss_coef if settings else 0.0
+        self.routing_records = {}
 
     def update_layer(self, adapter_name: str, config: SMoLAConfig) -> None:
         num_experts, rank = config.num_experts, config.r
-        weight_a = torch.empty(num_experts * rank, self.in_features)
-        for expert in weight_a.view(num_experts, rank, self.in_features):
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))  # LoRA's A init, per expert
-        self.smola_A[adapter_name] = nn.Parameter(weight_a)
+        self.smola_A[adapter_name] = nn.Parameter(kaiming_uniform_experts(num_experts, rank, self.in_features))
         self.smola_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, num_experts * rank))
         self.smola_router[adapter_name] = nn.Parameter(torch.randn(num_experts, self.in_features) * 0.02)
         self.smola_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.smola_scaling[adapter_name] = config.lora_alpha / rank
         self.smola_settings[adapter_name] = _GroupSettings(config)
-        needed = {g for g in config.expert_groups if g not in (MULTIMODAL, "text")}
-        if self.tower_modality is None:
-            self._context.required_modalities.update(needed)
-        device = next(self.base_layer.parameters()).device
-        for name in self.adapter_layer_names:
-            container = getattr(self, name)
-            container[adapter_name] = nn.Parameter(container[adapter_name].to(device))
+        self.place_adapter(adapter_name)
         self.set_adapter(self.active_adapters)
-
-    def _token_modalities(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """`(t,)` modality id of every token this layer sees."""
-        return self._context.layer_modality_ids(num_tokens, self.tower_modality, device, "SMoLA expert groups")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """x: `(..., i)`; returns `(..., o)`."""
@@ -84,21 +59,21 @@ class SMoLALayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters or self.merged or not active:
             return result
         tokens = x.reshape(-1, x.shape[-1])  # (t, i)
-        modalities = None
         for adapter in active:
             settings = self.smola_settings[adapter]
             weight_a, weight_b, router = self.smola_A[adapter], self.smola_B[adapter], self.smola_router[adapter]
-            inputs = tokens.to(weight_a.dtype)
+            inputs = self._cast_input_dtype(tokens, weight_a.dtype)
             logits = F.linear(inputs, router) / settings.temperature  # (t, e)
             gates, dispatch = route(logits, settings.expert_group.to(x.device), settings.num_groups, settings.top_k)
-            if settings.needs_modalities:
-                if modalities is None:
-                    modalities = self._token_modalities(tokens.shape[0], x.device)
+            if settings.needed_modalities is not None:
+                modalities = self.modality_ids(tokens.shape[0], settings.needed_modalities, x.device)
                 eligible = settings.eligible(modalities)  # (t, e)
                 gates = gates * eligible
                 dispatch = None if dispatch is None else dispatch & eligible
             if dispatch is not None:
-                self.routing_record = RoutingRecord(gates, dispatch)
+                self.routing_records[adapter] = RoutingRecord(
+                    gates, dispatch, self.call_inputs.token_attention_mask(tokens.shape[0]), settings.aux_loss_coef
+                )
             hidden = F.linear(self.smola_dropout[adapter](inputs), weight_a)  # (t, e*r)
             hidden = (hidden.view(-1, gates.shape[-1], settings.rank) * gates.unsqueeze(-1)).flatten(1)
             delta = F.linear(hidden, weight_b) * self.smola_scaling[adapter]  # (t, o)
@@ -124,7 +99,10 @@ class _GroupSettings:
         self.expert_modality = torch.tensor(
             [-1 if g == MULTIMODAL else modality_index(g) for g in groups for _ in range(config.expert_groups[g])]
         )
-        self.needs_modalities = any(g != MULTIMODAL for g in groups)
+        # non-text modalities the groups tell apart; None when every group is "multimodal" (no modality needed)
+        self.needed_modalities = (
+            {g for g in groups if g not in (MULTIMODAL, "text")} if any(g != MULTIMODAL for g in groups) else None
+        )
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
         """`(t, e)` bool: expert e acts on token t."""

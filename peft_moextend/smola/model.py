@@ -6,7 +6,6 @@ from typing import Any
 
 from torch import nn
 
-from ..modality import tower_modality
 from ..tuner_utils import ExpertTuner
 from .config import SMoLAConfig
 from .layer import SMoLALayer
@@ -17,7 +16,7 @@ class SMoLAModel(ExpertTuner):
 
     Use through `peft.get_peft_model(model, SMoLAConfig(...))` after `import peft_moextend`. Token modalities come
     from the model's placeholder tokens or an explicit `modality_ids` keyword of forward/generate (see
-    `peft_moextend.forward_context`); modules inside a vision/audio tower treat all their tokens as that modality.
+    `peft_moextend.call_inputs`); modules inside a vision/audio tower treat all their tokens as that modality.
     """
 
     prefix: str = "smola_"
@@ -41,6 +40,6 @@ class SMoLAModel(ExpertTuner):
         if isinstance(target, SMoLALayer):
             target.update_layer(adapter_name, peft_config)
             return
-        new_module = SMoLALayer(target, current_key, tower_modality(current_key), self._forward_context)
+        new_module = SMoLALayer(target, current_key, self.call_inputs)
         new_module.update_layer(adapter_name, peft_config)
         self._install_layer(parent, target_name, target, new_module, adapter_name)
