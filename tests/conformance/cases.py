@@ -76,6 +76,9 @@ class MethodCase:
     options: st.SearchStrategy  # dicts of config options, valid or not
     is_valid: Callable[[dict], bool]  # independent oracle: does the config accept `options`?
     fits_text_model: Callable[[dict], bool] = lambda options: True  # ... and does it then fit the text family?
+    # a config for the text family whose layers tell image tokens apart (which a text model cannot mark without an
+    # explicit `modality_ids`); None if the method has no modality-specific part
+    make_image_config: Callable[[], PeftConfig] | None = None
 
     @property
     def prefix(self) -> str:
@@ -270,6 +273,7 @@ CASES: tuple[MethodCase, ...] = (
         options=_MOEXTEND_OPTIONS,
         is_valid=_moextend_valid,
         fits_text_model=_moextend_fits_tiny_mixtral,
+        make_image_config=lambda: MoExtendConfig(restrict_to_modalities=["image"]),
     ),
     MethodCase(
         name="smola",
@@ -281,6 +285,7 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=True,
         options=_SMOLA_OPTIONS,
         is_valid=_smola_valid,
+        make_image_config=lambda: SMoLAConfig(r=2, expert_groups={"text": 2, "image": 2}),
     ),
     MethodCase(
         name="cmoe",
@@ -303,6 +308,7 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=False,
         options=_MODEX_OPTIONS,
         is_valid=_modex_valid,
+        make_image_config=lambda: ModeXConfig(),
     ),
     MethodCase(
         name="pathweave",
@@ -314,6 +320,7 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=False,
         options=_PATHWEAVE_OPTIONS,
         is_valid=_pathweave_valid,
+        make_image_config=lambda: PathWeaveConfig(r=2, modalities=["image"]),
     ),
 )
 

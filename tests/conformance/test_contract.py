@@ -1,12 +1,14 @@
 """The contract every method of the package keeps, checked on tiny models (issue: conformance suite).
 
 Points: 1 injection and gradients, 2 Trainer (aux loss, checkpoints, resume), 3 save/load paths, 4 multiple
-adapters, 5 quantized bases, 6 gradient checkpointing and torch.compile, 8 Hub upload. (7, distributed: see
+adapters, 5 quantized bases, 6 gradient checkpointing and torch.compile, 8 Hub upload, 9 disable / unload /
+delete leave exactly the base model. (7, distributed: see
 test_distributed.py.)
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ import torch
 from helpers import load_quantized_with_reference, run_python, snapshot, train_steps
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -298,3 +301,95 @@ def test_8_push_to_hub_uploads_adapter_files_and_model_card(case, tmp_path, monk
     batch = make_batch(base, family)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, peft_model(**batch).logits)
+
+
+# 9 -------------------------------------------------------------------------------------------------------------
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _hooks(module: torch.nn.Module) -> dict[str, list]:
+    return {d: list(getattr(module, d, {})) for d in _HOOK_DICTS}
+
+
+def model_trace(model: torch.nn.Module) -> dict:
+    """Per module: its class, its instance attribute names and its registered hooks."""
+    return {name: (type(m), sorted(vars(m)), _hooks(m)) for name, m in model.named_modules()}
+
+
+def _configs_for_trace(case, family):
+    configs = [(case.make_config(family, 0), {})]
+    if case.make_image_config is not None and not is_vision_language(family):
+        configs.append((case.make_image_config(), {"modality_ids": None}))  # needs explicit ids on a text model
+    return configs
+
+
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_9_disable_and_unload_give_back_exactly_the_base_model(case, family):
+    for config, needs in _configs_for_trace(case, family):
+        model = make_model(family)
+        batch = make_batch(model, family)
+        with torch.no_grad():
+            base_logits = model(**batch).logits
+        trace, signature = model_trace(model), inspect.signature(model.forward)
+        peft_model = get_peft_model(model, config)
+        perturb_adapter(peft_model, case.prefix)
+        assert {"modality_ids", "task"} <= set(inspect.signature(model.forward).parameters)  # the Trainer keeps them
+        with torch.no_grad():
+            if needs:  # the layers cannot tell image tokens apart on a text model: a clear error, then explicit ids
+                with pytest.raises(ValueError, match="modality_ids"):
+                    peft_model(**batch)
+                ids = torch.zeros_like(batch["input_ids"])
+                ids[:, ::3] = 1
+                adapted = peft_model(**batch, modality_ids=ids).logits
+            else:
+                adapted = peft_model(**batch).logits
+            assert not torch.equal(adapted, base_logits)
+            with peft_model.disable_adapter():
+                assert torch.equal(peft_model(**batch).logits, base_logits)
+                assert torch.equal(model(**batch).logits, base_logits)  # the plain model, inside the context
+            assert torch.equal(peft_model(**batch, **({"modality_ids": ids} if needs else {})).logits, adapted)
+        unloaded = peft_model.unload()
+        assert unloaded is model
+        assert model_trace(unloaded) == trace  # no hooks, attributes or wrapped modules left behind
+        assert "forward" not in vars(unloaded) and inspect.signature(unloaded.forward) == signature
+        with torch.no_grad():
+            assert torch.equal(unloaded(**batch).logits, base_logits)
+
+
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_9_deleting_the_last_adapter_leaves_no_hooks_keywords_or_settings(case, family):
+    model = make_model(family)
+    batch = make_batch(model, family)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    hooks = {id(m): _hooks(m) for m in model.modules()}
+    signature = inspect.signature(model.forward)
+    peft_model = get_peft_model(model, case.make_config(family, 0))
+    peft_model.add_adapter("second", case.make_config(family, 1))
+    perturb_adapter(peft_model, case.prefix)
+    with torch.no_grad():
+        peft_model(**batch)
+    peft_model.delete_adapter("second")
+    peft_model.delete_adapter("default")
+    plain = peft_model.base_model.model  # (PeftModel itself needs an adapter to call, for LoRA too)
+    layers = [m for m in plain.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers  # PEFT keeps the (now empty) wrappers, as for LoRA
+    for layer in layers:  # every per-adapter container and setting is gone (e.g. CMoE's cmoe_settings)
+        for name in (*layer.adapter_layer_names, *layer.other_param_names):
+            assert not len(getattr(layer, name)), (type(layer).__name__, name)
+    # the base modules have exactly their own hooks again, the (empty) wrappers none
+    assert all(_hooks(m) == hooks.get(id(m), _hooks(torch.nn.Module())) for m in plain.modules())
+    assert "forward" not in vars(plain) and inspect.signature(plain.forward) == signature
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).logits, base_logits)
