@@ -1,4 +1,5 @@
-"""Every ```python block of docs/*.md that is marked runnable (the "Runnable snippet" sections) runs."""
+"""Every ```python block of docs/*.md that is marked runnable (the "Runnable snippet" sections) runs, and the
+asserts in it (what the page claims the snippet shows) hold."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def test_every_method_has_a_page_with_a_runnable_snippet():
     assert pages <= {name for name, _ in SNIPPETS}
 
 
+def test_every_snippet_checks_what_it_claims():
+    assert all("assert" in code for _, code in SNIPPETS)
+
+
 @pytest.mark.parametrize(("page", "code"), SNIPPETS, ids=[name for name, _ in SNIPPETS])
-def test_snippet_runs(page, code):
+def test_snippet_runs_and_its_claims_hold(page, code):
     exec(compile(code, page, "exec"), {})

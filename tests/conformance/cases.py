@@ -50,6 +50,24 @@ def make_batch(model: PreTrainedModel, family: str, batch_size: int = 2, seed: i
     return make_vlm_inputs(model, family, batch_size=batch_size, seed=seed)
 
 
+def make_mixed_batch(model: PreTrainedModel, family: str) -> tuple[dict, list[dict]]:
+    """A batch of two samples of equal length that mixes modalities where the family has media (sample 0 with an
+    image or audio clip, sample 1 text only), and each sample as a batch of its own."""
+    first = make_batch(model, family, batch_size=1, seed=1)
+    length = first["input_ids"].shape[1]
+    if family == "llama":
+        second = make_batch(model, family, batch_size=1, seed=2)
+        second = {k: v[:, :length] for k, v in second.items()}
+    elif family in MOE_FAMILIES:
+        second = make_inputs(model, family, batch_size=1, seq_len=length, with_image=False, seed=2)
+    else:
+        second = make_vlm_inputs(model, family, batch_size=1, seq_len=length, with_media=False, seed=2)
+    sequence_keys = ("input_ids", "attention_mask", "labels")
+    mixed = {k: torch.cat([first[k], second[k]]) for k in sequence_keys}
+    mixed |= {k: v for k, v in first.items() if k not in sequence_keys}  # the media of sample 0
+    return mixed, [first, second]
+
+
 def perturb_adapter(model, prefix: str, scale: float = 0.1) -> None:
     """Deterministic noise on every adapter tensor: zero-initialised parts become non-zero, ties are broken."""
     with torch.no_grad():
@@ -79,6 +97,9 @@ class MethodCase:
     # a config for the text family whose layers tell image tokens apart (which a text model cannot mark without an
     # explicit `modality_ids`); None if the method has no modality-specific part
     make_image_config: Callable[[], PeftConfig] | None = None
+    # prepares a model built with config variant 0 for a batch whose two samples take different paths (CMoE: a
+    # second task) and returns the per-sample call keywords
+    split_samples: Callable[[object], list[dict]] = lambda peft_model: [{}, {}]
 
     @property
     def prefix(self) -> str:
@@ -178,6 +199,11 @@ def _cmoe_config(family: str, variant: int) -> CMoEConfig:
     if variant == 0:
         return CMoEConfig(r=2, experts_per_task=2, tasks=task)
     return CMoEConfig(r=3, experts_per_task=1, locator="gaussian", tasks=task)
+
+
+def _cmoe_two_tasks(peft_model) -> list[dict]:
+    peft_model.base_model.add_task("second")
+    return [{"task": "first"}, {"task": "second"}]
 
 
 def _cmoe_valid(options: dict) -> bool:
@@ -297,6 +323,7 @@ CASES: tuple[MethodCase, ...] = (
         has_router_aux_loss=False,
         options=_CMOE_OPTIONS,
         is_valid=_cmoe_valid,
+        split_samples=_cmoe_two_tasks,
     ),
     MethodCase(
         name="modex",

@@ -2,12 +2,13 @@
 
 Points: 1 injection and gradients, 2 Trainer (aux loss, checkpoints, resume), 3 save/load paths, 4 multiple
 adapters, 5 quantized bases, 6 gradient checkpointing and torch.compile, 8 Hub upload, 9 disable / unload /
-delete leave exactly the base model. (7, distributed: see
+delete leave exactly the base model, 10 mixed precision with mixed batches, 11 cached generation. (7, distributed: see
 test_distributed.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from types import SimpleNamespace
@@ -33,10 +34,12 @@ from conformance.cases import (
     case_id,
     is_vision_language,
     make_batch,
+    make_mixed_batch,
     make_model,
     perturb_adapter,
 )
 from peft_moextend.callbacks import add_router_aux_loss_logging
+from peft_moextend.modality import modality_token_ids
 
 
 def adapter_names(model, prefix: str) -> set[str]:
@@ -393,3 +396,99 @@ def test_9_deleting_the_last_adapter_leaves_no_hooks_keywords_or_settings(case, 
     assert "forward" not in vars(plain) and inspect.signature(plain.forward) == signature
     with torch.no_grad():
         assert torch.equal(plain(**batch).logits, base_logits)
+
+
+# 10 ------------------------------------------------------------------------------------------------------------
+def _merge_call_keywords(per_sample: list[dict]) -> dict:
+    return {key: [kw[key] for kw in per_sample] for key in per_sample[0]}
+
+
+def _mixed_precision_model(case, family, base_dtype, autocast_adapter_dtype):
+    model = make_model(family).to(base_dtype)
+    mixed, singles = make_mixed_batch(model, family)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, case.make_config(family, 0), autocast_adapter_dtype=autocast_adapter_dtype)
+    per_sample = case.split_samples(peft_model)
+    perturb_adapter(peft_model, case.prefix)
+    return peft_model, mixed, singles, per_sample
+
+
+def _check_mixed_batch(peft_model, mixed, singles, per_sample, context):
+    """Forward, a training step and generate on a batch that mixes modalities/tasks: finite, and each sample's
+    outputs equal (within bfloat16 tolerance) those of the sample computed alone."""
+    mixed_kwargs = _merge_call_keywords(per_sample)
+    prompt = {k: v for k, v in mixed.items() if k != "labels"}
+    peft_model.eval()
+    with context(), torch.no_grad():
+        logits = peft_model(**mixed, **mixed_kwargs).logits.float()
+        assert logits.isfinite().all()
+        for index, (single, kwargs) in enumerate(zip(singles, per_sample)):
+            alone = peft_model(**single, **kwargs).logits.float()
+            torch.testing.assert_close(logits[index], alone[0], rtol=3e-2, atol=3e-2)
+        generated = peft_model.generate(
+            **prompt,
+            **mixed_kwargs,
+            max_new_tokens=3,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        assert generated.sequences.shape == (2, prompt["input_ids"].shape[1] + 3)
+        assert all(score.isfinite().all() for score in generated.scores)
+        for index, (single, kwargs) in enumerate(zip(singles, per_sample)):
+            single_prompt = {k: v for k, v in single.items() if k != "labels"}
+            alone = peft_model.generate(
+                **single_prompt,
+                **kwargs,
+                max_new_tokens=1,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            torch.testing.assert_close(
+                generated.scores[0][index].float(), alone.scores[0][0].float(), rtol=3e-2, atol=3e-2
+            )
+    peft_model.train()
+    with context():
+        loss = peft_model(**mixed, **mixed_kwargs).loss
+    assert loss.isfinite()
+    loss.backward()
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None and p.grad.isfinite().all() for p in trainable.values())
+
+
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_10_bf16_autocast_with_batches_that_mix_modalities_and_tasks(case, family):
+    peft_model, mixed, singles, per_sample = _mixed_precision_model(case, family, torch.float32, True)
+    _check_mixed_batch(peft_model, mixed, singles, per_sample, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_10_bf16_base_keeps_adapters_in_its_dtype_unless_autocast(case, family):
+    peft_model, mixed, singles, per_sample = _mixed_precision_model(case, family, torch.bfloat16, False)
+    adapter = {n: p.dtype for n, p in peft_model.named_parameters() if case.prefix in n}
+    locators = {n for n in adapter if "cmoe_locator" in n}  # CMoE's density models stay float32 by design
+    assert adapter and all(dtype == torch.bfloat16 for n, dtype in adapter.items() if n not in locators)
+    _check_mixed_batch(peft_model, mixed, singles, per_sample, contextlib.nullcontext)
+    upcast, *_ = _mixed_precision_model(case, family, torch.bfloat16, True)  # PEFT's default, as for LoRA
+    assert all(p.dtype == torch.float32 for n, p in upcast.named_parameters() if case.prefix in n)
+
+
+# 11 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("case", "family"), REPRESENTATIVE_CASES, ids=case_id)
+def test_11_cached_greedy_generation_equals_uncached(case, family):
+    model = make_model(family)
+    batch = make_batch(model, family)
+    peft_model = get_peft_model(model, case.make_config(family, 0))
+    perturb_adapter(peft_model, case.prefix, scale=0.3)
+    prompt = {k: v for k, v in batch.items() if k != "labels"}
+    # a generated media placeholder would ask an uncached step for media features the prompt does not have
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    settings["suppress_tokens"] = list(modality_token_ids(model.config).values()) or None
+    with torch.no_grad():
+        runs = [peft_model.generate(**prompt, **settings, use_cache=use_cache) for use_cache in (True, False)]
+        with peft_model.disable_adapter():
+            base = peft_model.generate(**prompt, **settings)
+    assert runs[0].shape == (prompt["input_ids"].shape[0], prompt["input_ids"].shape[1] + 6)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], base)  # the adapter changes what is generated
