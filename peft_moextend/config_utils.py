@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -68,6 +69,25 @@ def check_adapter_folder(folder: str | os.PathLike, subfolder: str | None = None
         ) from error
 
 
+def replace_pickle_weights(folder: str | os.PathLike) -> None:
+    """`PeftModel.save_pretrained(..., safe_serialization=False)` writes pickle weights, which our loading refuses
+    (a user could save a file they cannot load). The config is saved right after the weights: convert the pickle
+    file written by this save (newer than any safetensors file there) to safetensors, with a warning."""
+    pickled, safe = Path(folder, PICKLE_WEIGHTS_FILE), Path(folder, WEIGHTS_FILE)
+    if not pickled.is_file() or (safe.is_file() and safe.stat().st_mtime_ns > pickled.stat().st_mtime_ns):
+        return
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(torch.load(pickled, weights_only=True), safe, metadata={"format": "pt"})
+    pickled.unlink()
+    warnings.warn(
+        f"peft-moextend adapters are saved as safetensors only (pickle weights are never loaded): wrote {safe} "
+        f"instead of {pickled.name}. Drop `safe_serialization=False` to avoid this message.",
+        stacklevel=3,
+    )
+
+
 def update_model_card(folder: str | os.PathLike, method: str, config_class: str, base_model: str | None) -> None:
     """Add our tags and a usage snippet to the README.md (model card) PEFT wrote into `folder`."""
     readme = Path(folder, "README.md")
@@ -104,4 +124,5 @@ class ExpertConfigMixin:
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
+        replace_pickle_weights(save_directory)
         update_model_card(save_directory, self.method_name, type(self).__name__, self.base_model_name_or_path)

@@ -144,3 +144,31 @@ def test_whole_continual_state_reloads_in_a_fresh_process(tmp_path):
     )
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
     assert out.strip().split(",") == located
+
+
+def test_second_adapter_on_other_layers_resolves_its_own_tasks():
+    """Each adapter's first layer resolves its tasks (the locator layer is per adapter, not the model's first)."""
+    model = get_peft_model(make_llama(), CMoEConfig(r=2, experts_per_task=1, target_modules=["q_proj"]))
+    model.base_model.add_task("a")
+    model.add_adapter("other", CMoEConfig(r=2, experts_per_task=1, target_modules=["down_proj"]))
+    model.set_adapter("other")
+    model.base_model.add_task("b", adapter_name="other")
+    model.base_model.add_task("c", adapter_name="other")
+    data = batch("low", 0)
+    train_steps(model, data, steps=2)  # trains task "c" of "other"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("down_proj" in n and ".other" in n and "_1." in n for n in trainable)
+    model.eval()
+    with torch.no_grad():
+        as_b, as_c = (model(**data, task=name).logits for name in ("b", "c"))
+        mixed = model(**data, task=["b", "c", "b", "c"]).logits
+        with pytest.raises(ValueError, match="locator is not fitted"):
+            model(**data)  # two tasks, no task id and no fitted locator: a clear error
+    assert not torch.allclose(as_b, as_c)
+    torch.testing.assert_close(mixed[0::2], as_b[0::2])
+    torch.testing.assert_close(mixed[1::2], as_c[1::2])
+    layers = [m for m in model.modules() if isinstance(m, CMoELayer)]
+    assert [m.module_name.endswith("q_proj") for m in layers if m.cmoe_is_locator.get("default")] == [True]
+    assert [m.module_name.endswith("down_proj") for m in layers if m.cmoe_is_locator.get("other")] == [True]
+    model.delete_adapter("default")
+    assert all("default" not in m.cmoe_settings and "default" not in m.cmoe_is_locator for m in layers)

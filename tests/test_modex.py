@@ -67,3 +67,30 @@ def test_bad_input():
         ModeXConfig(experts={"visual": []})
     with pytest.raises(ValueError, match="bottleneck_size"):
         ModeXConfig(bottleneck_size=0)
+
+
+def test_the_coordinator_learns_and_the_experts_diverge():
+    """A zero router would keep the zero-initialised experts identical forever and the router's gradient at zero."""
+    from conformance.cases import make_llama
+    from helpers import snapshot, train_steps
+
+    peft_model = get_peft_model(make_llama(), ModeXConfig(experts={"text": ["text"], "cross_modal": None}))
+    input_ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = snapshot(peft_model)
+    train_steps(peft_model, {"input_ids": input_ids, "labels": input_ids}, steps=20, lr=1e-2)
+    for name, p in peft_model.named_parameters():
+        if "modex_router" in name:
+            assert not torch.equal(p, before[name]), name
+        if "modex_up" in name:
+            first, second = p.view(p.shape[0], 2, -1).unbind(1)  # experts in name order: cross_modal, text
+            assert not torch.allclose(first, second, atol=1e-4), name
+
+
+def test_an_explicitly_targeted_layer_norm_gets_a_norm_layer_with_features():
+    model = make_tiny_vlm("llava")
+    peft_model = get_peft_model(
+        model,
+        ModeXConfig(target_modules=r".*language_model\.layers\.0\.(post_attention_layernorm|self_attn\.o_proj)"),
+    )
+    norm = next(m for m in peft_model.modules() if isinstance(m, ModeXNormLayer))
+    assert norm.in_features == norm.out_features == model.config.text_config.hidden_size
