@@ -16,8 +16,10 @@ import functools
 import os
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 from huggingface_hub import ModelCard
+from peft.config import PeftConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_WEIGHTS_FILE = "adapter_model.bin"
@@ -112,10 +114,23 @@ def update_model_card(folder: str | os.PathLike, method: str, config_class: str,
     card.save(readme)
 
 
-class ExpertConfigMixin:
-    """Mixin for our `PeftConfig` dataclasses (`method_name` names the method on the model card)."""
+@dataclasses.dataclass
+class ExpertConfig(PeftConfig):
+    """Base of our `PeftConfig` dataclasses: safe loading, the model card (`method_name` names the method on it)
+    and what every PEFT method offers besides its adapters.
 
-    method_name: str = ""
+    Args:
+        modules_to_save: Modules (names or name suffixes) that train fully next to the adapter and are saved with
+            it, as in PEFT's LoRA: a classification head, LLaVA's `multi_modal_projector`, a task head. With
+            `task_type="SEQ_CLS"` PEFT adds the classifier (`classifier` / `score`) itself.
+    """
+
+    method_name: ClassVar[str] = ""
+
+    modules_to_save: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Modules trained fully and saved with the adapter (e.g. a head or a projector)."},
+    )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):

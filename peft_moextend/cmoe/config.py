@@ -4,10 +4,9 @@ locator."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from peft.config import PeftConfig
-
-from ..config_utils import ExpertConfigMixin, strict_options
+from ..config_utils import ExpertConfig, strict_options
 from ..registration import MoExtendPeftType
 
 LOCATORS = ("vae", "gaussian")
@@ -15,7 +14,7 @@ LOCATORS = ("vae", "gaussian")
 
 @strict_options
 @dataclass
-class CMoEConfig(ExpertConfigMixin, PeftConfig):
+class CMoEConfig(ExpertConfig):
     """Configuration of [`CMoEModel`] (LLaVA-CMoE, 2025: replay-free continual instruction tuning).
 
     Tasks arrive one after another (`model.base_model.add_task(name, probe_data=...)`). Each task adds
@@ -42,7 +41,7 @@ class CMoEConfig(ExpertConfigMixin, PeftConfig):
             with the adapter so that loading rebuilds every task.
     """
 
-    method_name = "CMoE"
+    method_name: ClassVar[str] = "CMoE"
 
     r: int = field(default=8, metadata={"help": "Rank of every expert."})
     experts_per_task: int = field(default=2, metadata={"help": "Experts a task adds to each layer it extends."})

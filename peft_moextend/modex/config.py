@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from peft.config import PeftConfig
-
-from ..config_utils import ExpertConfigMixin, strict_options
+from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
 from ..registration import MoExtendPeftType
 
 
 @strict_options
 @dataclass
-class ModeXConfig(ExpertConfigMixin, PeftConfig):
+class ModeXConfig(ExpertConfig):
     """Configuration of [`ModeXModel`] (Zhang et al., Sci. China Inf. Sci., "ModeX"; code: zhangy0822/ModeX).
 
     After every target linear layer (by default the outputs of attention and MLP, `o_proj` and `down_proj`) a serial
@@ -34,7 +33,7 @@ class ModeXConfig(ExpertConfigMixin, PeftConfig):
             layer of the adapted part of the model.
     """
 
-    method_name = "ModeX"
+    method_name: ClassVar[str] = "ModeX"
 
     bottleneck_size: int = field(default=16, metadata={"help": "Width of the shared down-projection."})
     experts: dict[str, list[str] | None] = field(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from peft.config import PeftConfig
-
-from ..config_utils import ExpertConfigMixin, strict_options
+from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
 from ..registration import MoExtendPeftType
 
@@ -15,7 +14,7 @@ EXPERT_INIT_MODES = ("most_used", "zeros")
 
 @strict_options
 @dataclass
-class MoExtendConfig(ExpertConfigMixin, PeftConfig):
+class MoExtendConfig(ExpertConfig):
     """Configuration of [`MoExtendModel`] (Zhong et al., 2024, "MoExtend: Tuning New Experts for Modality and Task
     Extension").
 
@@ -47,7 +46,7 @@ class MoExtendConfig(ExpertConfigMixin, PeftConfig):
             `num_base_experts`.
     """
 
-    method_name = "MoExtend"
+    method_name: ClassVar[str] = "MoExtend"
 
     num_new_experts: int = field(default=1, metadata={"help": "New experts per extended MoE layer."})
     target_layers: list[int] | None = field(

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from peft.config import PeftConfig
-
-from ..config_utils import ExpertConfigMixin, strict_options
+from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
 from ..registration import MoExtendPeftType
 
 
 @strict_options
 @dataclass
-class PathWeaveConfig(ExpertConfigMixin, PeftConfig):
+class PathWeaveConfig(ExpertConfig):
     """Configuration of [`PathWeaveModel`] (Yu et al., NeurIPS 2024; code: JiazuoYu/PathWeave).
 
     One uni-modal adapter per modality (rank `r`, parallel to each target projection, down kaiming, up zero,
@@ -29,7 +28,7 @@ class PathWeaveConfig(ExpertConfigMixin, PeftConfig):
         target_modules: Linear layers that get adapters; None: the language model's attention and MLP projections.
     """
 
-    method_name = "PathWeave"
+    method_name: ClassVar[str] = "PathWeave"
 
     r: int = field(default=8, metadata={"help": "Rank of every uni-modal adapter."})
     modalities: list[str] = field(default_factory=lambda: ["image"], metadata={"help": "Modalities, in order."})

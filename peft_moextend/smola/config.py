@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from peft.config import PeftConfig
-
-from ..config_utils import ExpertConfigMixin, strict_options
+from ..config_utils import ExpertConfig, strict_options
 from ..modality import MODALITIES
 from ..registration import MoExtendPeftType
 
@@ -17,7 +16,7 @@ MIN_ROUTER_TEMPERATURE = 1e-3
 
 @strict_options
 @dataclass
-class SMoLAConfig(ExpertConfigMixin, PeftConfig):
+class SMoLAConfig(ExpertConfig):
     """Configuration of [`SMoLAModel`] (Wu et al., 2023, "Omni-SMoLA: Boosting Generalist Multimodal Models with Soft
     Mixture of Low-rank Experts", arXiv 2312.00968).
 
@@ -42,7 +41,7 @@ class SMoLAConfig(ExpertConfigMixin, PeftConfig):
         router_aux_loss_coef: Load-balancing loss coefficient for `router="top_k"` (0 disables; unused for "soft").
     """
 
-    method_name = "SMoLA"
+    method_name: ClassVar[str] = "SMoLA"
 
     r: int = field(default=4, metadata={"help": "Rank of every low-rank expert."})
     expert_groups: dict[str, int] = field(

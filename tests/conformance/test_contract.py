@@ -2,8 +2,9 @@
 
 Points: 1 injection and gradients, 2 Trainer (aux loss, checkpoints, resume), 3 save/load paths, 4 multiple
 adapters, 5 quantized bases, 6 gradient checkpointing and torch.compile, 8 Hub upload, 9 disable / unload /
-delete leave exactly the base model, 10 mixed precision with mixed batches, 11 cached generation. (7, distributed: see
-test_distributed.py.)
+delete leave exactly the base model, 10 mixed precision with mixed batches, 11 cached generation, 12
+`modules_to_save` (heads, projectors). (7, distributed: see test_distributed.py; PEFT's custom-model points:
+test_peft_contract.py.)
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import pytest
 import torch
 from helpers import load_quantized_with_reference, run_python, snapshot, train_steps
 from huggingface_hub import HfApi, ModelCard
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import AutoPeftModelForSequenceClassification, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
+from tiny_models import MOE_FAMILIES
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    LlamaForSequenceClassification,
+    MixtralForSequenceClassification,
     Trainer,
     TrainingArguments,
 )
@@ -38,6 +42,7 @@ from conformance.cases import (
     make_model,
     perturb_adapter,
 )
+from peft_moextend.auto import AutoPeftModelForImageTextToText
 from peft_moextend.callbacks import add_router_aux_loss_logging
 from peft_moextend.modality import modality_token_ids
 
@@ -492,3 +497,108 @@ def test_11_cached_greedy_generation_equals_uncached(case, family):
     assert runs[0].shape == (prompt["input_ids"].shape[0], prompt["input_ids"].shape[1] + 6)
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], base)  # the adapter changes what is generated
+
+
+# 12 ------------------------------------------------------------------------------------------------------------
+def _sequence_classifier(family: str, tmp_path) -> tuple[type, dict]:
+    """The text family as a 3-label sequence classifier, saved to `tmp_path / "base"`; returns its class and a
+    labelled batch."""
+    model = make_model(family)
+    classifier_cls = MixtralForSequenceClassification if family in MOE_FAMILIES else LlamaForSequenceClassification
+    config = model.config
+    config.num_labels, config.pad_token_id = 3, 0
+    torch.manual_seed(0)
+    classifier_cls._from_config(config, attn_implementation="eager").save_pretrained(tmp_path / "base")
+    batch = make_batch(model, family)
+    return classifier_cls, {**batch, "labels": torch.tensor([0, 2])}
+
+
+def _extra_keys(folder, prefix: str) -> set[str]:
+    return {k for k in load_file(folder / "adapter_model.safetensors") if prefix not in k}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_12_seq_cls_trains_and_saves_the_head_as_lora_does(case, tmp_path):
+    family = case.text_family
+    classifier_cls, batch = _sequence_classifier(family, tmp_path)
+    model = classifier_cls.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    config = case.make_config(family, 0)
+    config.task_type = "SEQ_CLS"
+    peft_model = get_peft_model(model, config)
+    head = "score.modules_to_save.default.weight"
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if case.prefix not in n} == {f"base_model.model.{head}"}
+    before = snapshot(peft_model)
+    train_steps(peft_model, batch, steps=3)
+    changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p)}
+    assert f"base_model.model.{head}" in changed and changed <= trainable  # the original head stays frozen
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert _extra_keys(tmp_path / "adapter", case.prefix) == {"base_model.model.score.weight"}
+
+    def base():
+        return classifier_cls.from_pretrained(tmp_path / "base", dtype=torch.float32)
+
+    plain = base()
+    plain.load_adapter(str(tmp_path / "adapter"))
+    loaded = {
+        "peft_model": PeftModel.from_pretrained(base(), tmp_path / "adapter"),
+        "auto": AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter", dtype=torch.float32),
+        "load_adapter": plain,
+    }
+    with torch.no_grad():
+        for path, reloaded in loaded.items():
+            assert torch.equal(reloaded(**batch).logits, expected), path
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_12_a_projector_in_modules_to_save_trains_saves_and_reloads_per_adapter(case, tmp_path):
+    family = case.vision_family
+    make_model(family).save_pretrained(tmp_path / "base")
+
+    def base():
+        return AutoModelForImageTextToText.from_pretrained(
+            tmp_path / "base", dtype=torch.float32, attn_implementation="eager"
+        )
+
+    model = base()
+    batch = make_batch(model, family)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    configs = [case.make_config(family, variant) for variant in (0, 1)]
+    for config in configs:
+        config.modules_to_save = ["multi_modal_projector"]
+    peft_model = get_peft_model(model, configs[0])
+    peft_model.add_adapter("second", configs[1])
+    logits = {}
+    for adapter in ("second", "default"):
+        peft_model.set_adapter(adapter)
+        projector = {n for n, p in peft_model.named_parameters() if p.requires_grad and case.prefix not in n}
+        assert projector and all(f"multi_modal_projector.modules_to_save.{adapter}." in n for n in projector)
+        before = snapshot(peft_model)
+        train_steps(peft_model, batch, steps=2)
+        changed = {n for n, p in peft_model.named_parameters() if not torch.equal(before[n], p)}
+        assert projector <= changed and all(case.prefix in n or n in projector for n in changed)
+        with torch.no_grad():
+            logits[adapter] = peft_model(**batch).logits
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert torch.equal(peft_model(**batch).logits, base_logits)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    for folder in (tmp_path / "adapter", tmp_path / "adapter" / "second"):
+        extra = _extra_keys(folder, case.prefix)
+        assert extra and all(".multi_modal_projector." in k for k in extra)
+
+    reloaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
+    reloaded.load_adapter(tmp_path / "adapter" / "second", adapter_name="second")
+    auto = AutoPeftModelForImageTextToText.from_pretrained(
+        tmp_path / "adapter", dtype=torch.float32, attn_implementation="eager"
+    )
+    plain = base()
+    plain.load_adapter(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        for adapter in ("default", "second"):
+            reloaded.set_adapter(adapter)
+            assert torch.equal(reloaded(**batch).logits, logits[adapter]), adapter
+        assert torch.equal(auto(**batch).logits, logits["default"])
+        assert torch.equal(plain(**batch).logits, logits["default"])
