@@ -28,6 +28,7 @@ The values stay set after the call so that gradient-checkpointing recomputation 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Iterable, Iterator
@@ -141,7 +142,8 @@ class CallInputs:
         try:
             for name in sorted(self.shared_towers) if self._video_inputs else ():
                 tower = model.get_submodule(name)
-                handles.append(tower.register_forward_pre_hook(self._enter_tower, with_kwargs=True))
+                enter = functools.partial(self._enter_tower, name)
+                handles.append(tower.register_forward_pre_hook(enter, with_kwargs=True))
                 handles.append(tower.register_forward_hook(self._leave_tower))
             yield
         finally:
@@ -149,15 +151,16 @@ class CallInputs:
                 handle.remove()
             self._tower_modality = None
 
-    def _enter_tower(self, tower: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _enter_tower(self, name: str, tower: nn.Module, args: tuple, kwargs: dict) -> None:
         tensors = [*args, *kwargs.values()]
         is_video = any(t is v for t in tensors for v in self._video_inputs)
         self._tower_modality = "video" if is_video else "image"
         if is_video and tower.training and torch.is_grad_enabled() and _checkpoints_inside(tower):
             raise ValueError(
-                f"Adapter layers inside {type(tower).__name__} take a separate path for video and image inputs, "
-                "which gradient checkpointing's recomputation cannot tell apart. Turn gradient checkpointing off for "
-                "the media tower (e.g. `model.model.visual.gradient_checkpointing = False`), or leave the tower's "
+                f"Adapter layers inside the media tower {name!r} take a separate path for video and image inputs, "
+                "which gradient checkpointing's recomputation cannot tell apart. Turn gradient checkpointing off "
+                f"inside the tower (`for module in model.get_submodule({name!r}).modules(): "
+                "module.gradient_checkpointing = False`, with `model` the transformers model), or leave the tower's "
                 "modules out of `target_modules`."
             )
 

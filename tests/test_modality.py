@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from conformance.cases import perturb_adapter
 from peft import get_peft_model
-from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs, media_token_ids
+from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_vlms import (
+    AUDIO_FAMILIES,
+    VLM_FAMILIES,
+    make_qwen_vl_image_and_video_inputs,
+    make_tiny_vlm,
+    make_vlm_inputs,
+    media_token_ids,
+)
 from transformers import Trainer, TrainingArguments
 
-from peft_moextend import SMoLAConfig
+from peft_moextend import ModeXConfig, PathWeaveConfig, SMoLAConfig
 from peft_moextend.call_inputs import CallInputs
 from peft_moextend.modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids, tower_modality
 from peft_moextend.smola import SMoLALayer
@@ -114,3 +125,72 @@ def test_trainer_keeps_the_modality_ids_column(tmp_path):
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset)
     kept = trainer._remove_unused_columns(dataset)
     assert "modality_ids" in kept.column_names and "input_ids" in kept.column_names
+
+
+# layers in the tower's attention and in the language model; video-specific parts: PathWeave's video stage (stage
+# 1, the only trainable one once video is added), SMoLA's video group (the last 2 experts), ModeX's video expert
+_TOWER_AND_LM = r".*visual\.blocks\.\d+\.attn\.(qkv|proj)|.*language_model\.layers\.\d+\.self_attn\.(q_proj|o_proj)"
+SHARED_TOWER_METHODS = {
+    "pathweave": (
+        PathWeaveConfig(r=2, modalities=["image", "video"], target_modules=_TOWER_AND_LM),
+        lambda layer: [p.grad for n, p in layer.named_parameters() if "pathweave_up_1" in n],
+    ),
+    "smola": (
+        SMoLAConfig(r=2, expert_groups={"image": 2, "video": 2}, target_modules=_TOWER_AND_LM),
+        lambda layer: [layer.smola_B["default"].grad[:, 4:]],  # experts 2-3 (rank 2 each) are the video group
+    ),
+    "modex": (
+        ModeXConfig(
+            bottleneck_size=4,
+            experts={"visual": ["image"], "zvideo": ["video"]},
+            target_modules=_TOWER_AND_LM,
+            train_layer_norms=False,
+        ),
+        lambda layer: [layer.modex_up["default"].grad[:, 4:]],  # experts in name order: visual, zvideo
+    ),
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", sorted(SHARED_TOWER_METHODS))
+def test_a_shared_vision_tower_encodes_videos_on_their_own_path(method, family):
+    model = make_tiny_vlm(family)
+    batch = make_qwen_vl_image_and_video_inputs(model, family)
+    config, video_grads = SHARED_TOWER_METHODS[method]
+    peft_model = get_peft_model(model, copy.deepcopy(config))
+    perturb_adapter(peft_model, f"{method}_")
+    tower_layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer) and ".visual." in n}
+    assert tower_layers
+    seen = {name: [] for name in tower_layers}
+
+    def record(name):
+        def hook(layer, args, output):
+            ids = layer.modality_ids(args[0].shape[:-1].numel(), (), args[0].device)
+            seen[name].append({MODALITIES[i] for i in ids.unique().tolist()})
+
+        return hook
+
+    handles = [layer.register_forward_hook(record(name)) for name, layer in tower_layers.items()]
+    peft_model.train()
+    peft_model(**batch).loss.backward()
+    for handle in handles:
+        handle.remove()
+    # the tower encodes the image, then the video frames, each call on its own modality's path
+    assert all(calls == [{"image"}, {"video"}] for calls in seen.values()), seen
+    for name, layer in tower_layers.items():
+        grads = video_grads(layer)
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_gradient_checkpointing_in_a_shared_tower_with_video_paths_is_refused():
+    model = make_tiny_vlm("qwen2_vl")
+    batch = make_qwen_vl_image_and_video_inputs(model, "qwen2_vl")
+    peft_model = get_peft_model(model, copy.deepcopy(SHARED_TOWER_METHODS["pathweave"][0]))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        peft_model(**batch)
+    for module in model.get_submodule("model.visual").modules():  # what the error says to do
+        module.gradient_checkpointing = False
+    peft_model(**batch).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and ".visual." in n)

@@ -52,6 +52,8 @@ Quirks (what ``make_vlm_inputs`` does about them):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import (
     Gemma3Config,
@@ -429,3 +431,37 @@ def make_vlm_inputs(
         batch["token_type_ids"] = (torch.arange(input_ids.shape[1]) >= prefix_len).long().expand(batch_size, -1)
         batch["labels"][:, :prefix_len] = -100
     return batch
+
+
+_QWEN_VL_VIDEO_GRID = (2, 4, 4)  # two temporal patches of a 4x4 patch grid -> 8 tokens
+
+
+def make_qwen_vl_image_and_video_inputs(model: PreTrainedModel, family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Qwen-VL batch of two samples of equal length: sample 0 holds an image, sample 1 a video (its frames go
+    through the same vision tower as images). Placeholders are wrapped in vision start/end tokens;
+    ``mm_token_type_ids`` is 1 at image and 2 at video tokens, as the processor writes it."""
+    assert family in QWEN_VL_FAMILIES
+    gen = torch.Generator().manual_seed(seed)
+    config, vision = model.config, model.config.vision_config
+    merge = vision.spatial_merge_size**2
+    image_tokens = math.prod(_QWEN_VL_GRID) // merge
+    video_tokens = math.prod(_QWEN_VL_VIDEO_GRID) // merge
+    length = 12 + video_tokens + 2
+    rows = []
+    for placeholder, count in ((config.image_token_id, image_tokens), (config.video_token_id, video_tokens)):
+        text = torch.randint(*TEXT_IDS, (length - count - 2,), generator=gen)
+        media = torch.tensor([config.vision_start_token_id, *[placeholder] * count, config.vision_end_token_id])
+        rows.append(torch.cat([text[:4], media, text[4:]]))
+    input_ids = torch.stack(rows)
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": input_ids.clone(),
+        "pixel_values": torch.randn(math.prod(_QWEN_VL_GRID), patch_dim, generator=gen),
+        "image_grid_thw": torch.tensor([_QWEN_VL_GRID]),
+        "pixel_values_videos": torch.randn(math.prod(_QWEN_VL_VIDEO_GRID), patch_dim, generator=gen),
+        "video_grid_thw": torch.tensor([_QWEN_VL_VIDEO_GRID]),
+        "mm_token_type_ids": (input_ids == config.image_token_id).int()
+        + 2 * (input_ids == config.video_token_id).int(),
+    }
