@@ -4,11 +4,15 @@
 `AutoPeftModel*.from_pretrained` and transformers' `load_adapter` work with their configs and adapter folders.
 """
 
-from .callbacks import RouterAuxLossCallback, add_router_aux_loss_logging
-from .cmoe import CMoEConfig, CMoEModel
-from .hub import install_push_to_hub
-from .modex import ModeXConfig, ModeXModel
-from .moextend import (
+from .compat import check_peft_internals
+
+check_peft_internals()
+
+from .callbacks import RouterAuxLossCallback, add_router_aux_loss_logging  # noqa: E402
+from .cmoe import CMoEConfig, CMoEModel  # noqa: E402
+from .hub import install_push_to_hub  # noqa: E402
+from .modex import ModeXConfig, ModeXModel  # noqa: E402
+from .moextend import (  # noqa: E402
     ExtensionPlan,
     MoExtendConfig,
     MoExtendModel,
@@ -16,9 +20,9 @@ from .moextend import (
     plan_extension,
     tune_routers_and_plan,
 )
-from .pathweave import PathWeaveConfig, PathWeaveModel
-from .registration import MoExtendPeftType, register_method
-from .smola import SMoLAConfig, SMoLAModel
+from .pathweave import PathWeaveConfig, PathWeaveModel  # noqa: E402
+from .registration import MoExtendPeftType, register_method  # noqa: E402
+from .smola import SMoLAConfig, SMoLAModel  # noqa: E402
 
 register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
 register_method(MoExtendPeftType.SMOLA, SMoLAConfig, SMoLAModel)

@@ -37,6 +37,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from .compat import check_call_supported
 from .modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids
 from .routing import add_router_aux_loss
 
@@ -99,6 +100,7 @@ class CallInputs:
     # -- one model call ---------------------------------------------------------------------------------------------
     def record_call(self, model: nn.Module, args: tuple, kwargs: dict) -> dict:
         """Record the inputs of one call of `model`; returns `kwargs` without this package's keywords."""
+        check_call_supported(model, kwargs)
         kwargs = dict(kwargs)
         explicit = kwargs.pop("modality_ids", None)
         self.task_request = kwargs.pop("task", None)

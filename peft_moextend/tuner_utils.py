@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import (
 from torch import nn
 
 from .call_inputs import CallInputs, call_scope
+from .compat import check_model_supported
 from .modality import media_tower
 from .quantization import linear_features, protect_cpu_4bit_layers
 from .targets import default_language_model_targets
@@ -34,6 +35,7 @@ class ExpertTuner(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        check_model_supported(model)
         self.call_inputs = CallInputs.attach(model)
         protect_cpu_4bit_layers(model)
 

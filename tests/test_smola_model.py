@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs, vision_tower_prefix
 
 from peft_moextend import SMoLAConfig
+from peft_moextend.routing import load_balancing_loss
 from peft_moextend.smola import SMoLALayer
 
 
@@ -110,6 +111,40 @@ def test_top_k_router_adds_its_load_balancing_loss():
     torch.testing.assert_close(losses[0.5].loss, losses[0.0].loss + 0.5 * aux)
     soft = get_peft_model(model, SMoLAConfig())(**batch)
     assert "router_aux_loss" not in soft
+
+
+def test_padding_does_not_count_in_the_load_balancing_loss_and_each_adapter_uses_its_coefficient():
+    """SMoLA and MoExtend share one aux-loss mechanism: padding tokens are left out, and with several active
+    adapters each routing record is weighted by its own adapter's coefficient."""
+    from conformance.cases import make_llama
+
+    input_ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([input_ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(2, 12, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    config = {"r": 2, "expert_groups": {"multimodal": 4}, "router": "top_k", "top_k": 1}
+    torch.manual_seed(0)
+    peft_model = get_peft_model(make_llama(), SMoLAConfig(**config, router_aux_loss_coef=0.5))
+    with torch.no_grad():
+        trimmed = peft_model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        with_padding = peft_model(input_ids=padded, attention_mask=mask)
+    torch.testing.assert_close(with_padding.router_aux_loss, trimmed.router_aux_loss)
+
+    peft_model.add_adapter("other", SMoLAConfig(**config, router_aux_loss_coef=0.0))
+    peft_model.base_model.set_adapter(["default", "other"])
+    labels = {"input_ids": input_ids, "labels": input_ids}
+    with torch.no_grad():
+        both = peft_model(**labels)
+        layers = [m for m in peft_model.modules() if getattr(m, "routing_records", None)]
+        records = [(r, name) for m in layers for name, r in m.routing_records.items()]
+    assert {name for _, name in records} == {"default", "other"}
+    assert {name: r.aux_loss_coef for r, name in records} == {"default": 0.5, "other": 0.0}
+    per_record = torch.stack([load_balancing_loss(r) for r, _ in records])
+    weights = torch.tensor([r.aux_loss_coef for r, _ in records])
+    torch.testing.assert_close(both.router_aux_loss, per_record.mean())
+    logits = both.logits[:, :-1].reshape(-1, both.logits.shape[-1])
+    lm_loss = torch.nn.functional.cross_entropy(logits, input_ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(both.loss, lm_loss + (per_record * weights).mean())
+    assert (per_record * weights).sum() > 0
 
 
 def test_merge_is_refused_with_the_reason():
