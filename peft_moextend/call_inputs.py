@@ -39,7 +39,7 @@ from torch import nn
 
 from .compat import check_call_supported
 from .modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids
-from .routing import add_router_aux_loss
+from .routing import RoutedLayer, add_router_aux_loss
 
 CALL_KEYWORDS = ("modality_ids", "task")
 """Keywords this package adds to a model's forward/generate; consumed before the model's own forward runs."""
@@ -65,6 +65,7 @@ class CallInputs:
         self.task_request: str | list[str] | None = None
         self.is_continuation = False
         self.call_index = 0
+        self.routed_layers: list[nn.Module] = []  # the model's routed layers, found at the start of each call
         self.shared_towers: set[str] = set()  # names of media towers encoding several modalities, with adapters
         self._video_inputs: list[torch.Tensor] = []
         self._tower_modality: str | None = None  # what a shared tower encodes in its current call
@@ -131,9 +132,9 @@ class CallInputs:
             self.modality_ids = None
         self.attention_mask = kwargs.get("attention_mask")
         self._video_inputs = [kwargs[k] for k in VIDEO_INPUT_KEYWORDS if isinstance(kwargs.get(k), torch.Tensor)]
-        for module in model.modules():
-            if hasattr(module, "routing_records"):
-                module.routing_records.clear()
+        self.routed_layers = [m for m in model.modules() if isinstance(m, RoutedLayer)]
+        for layer in self.routed_layers:
+            layer.routing_records.clear()
         return kwargs
 
     @contextmanager
@@ -222,7 +223,7 @@ def call_scope(model: nn.Module) -> Iterator[None]:
 
     def after(module: nn.Module, args: tuple, kwargs: dict, outputs):
         towers.close()
-        return add_router_aux_loss(module, kwargs, outputs)
+        return add_router_aux_loss(inputs.routed_layers, kwargs, outputs)
 
     handles = [
         model.register_forward_pre_hook(before, with_kwargs=True),
@@ -260,7 +261,7 @@ def _add_call_keywords_to_forward(model: nn.Module) -> None:
         kwargs = inputs.record_call(self, args, kwargs)
         with inputs.tower_hooks(self):
             outputs = class_forward(self, *args, **kwargs)
-        return add_router_aux_loss(self, kwargs, outputs)
+        return add_router_aux_loss(inputs.routed_layers, kwargs, outputs)
 
     forward.__signature__ = signature.replace(parameters=parameters)
     forward.__doc__ = class_forward.__doc__

@@ -79,12 +79,11 @@ def router_aux_loss(layers: Iterable[nn.Module]) -> tuple[torch.Tensor, torch.Te
     return (losses * coefs).mean(), losses.mean()
 
 
-def add_router_aux_loss(model: nn.Module, call_kwargs: dict, outputs):
-    """Put the load-balancing loss of `model`'s last call into its `outputs` (a ModelOutput / dict): always as
-    `router_aux_loss`, and times each adapter's coefficient into `loss` when the call had labels."""
+def add_router_aux_loss(routed: list[nn.Module], call_kwargs: dict, outputs):
+    """Put the load-balancing loss of the routed layers' last call into the call's `outputs` (a ModelOutput /
+    dict): always as `router_aux_loss`, and times each adapter's coefficient into `loss` when the call had labels."""
     if not isinstance(outputs, dict):
         return outputs
-    routed = [m for m in model.modules() if getattr(m, "routing_records", None)]
     losses = router_aux_loss(routed)
     if losses is None:
         return outputs
