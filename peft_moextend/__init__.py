@@ -10,6 +10,7 @@ check_peft_internals()
 
 from .callbacks import RouterAuxLossCallback, add_router_aux_loss_logging  # noqa: E402
 from .cmoe import CMoEConfig, CMoEModel  # noqa: E402
+from .expert_quantization import quantize_moe_experts  # noqa: E402
 from .hub import install_push_to_hub  # noqa: E402
 from .modex import ModeXConfig, ModeXModel  # noqa: E402
 from .moextend import (  # noqa: E402
@@ -48,6 +49,7 @@ __all__ = [
     "MoExtendPeftType",
     "measure_expert_usage",
     "plan_extension",
+    "quantize_moe_experts",
     "register_method",
     "SMoLAConfig",
     "SMoLAModel",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,35 +28,98 @@ def kaiming_uniform_experts(num_experts: int, rank: int, in_features: int) -> to
     return weight
 
 
+@dataclass
+class FullExperts:
+    """Added experts with weights of their own, in the base experts' layout.
+
+    gate_up_proj: `(n, 2i, h)` (`(n, h, 2i)` if transposed); down_proj: `(n, h, i)` (`(n, i, h)` if transposed).
+    """
+
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    is_transposed: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up_proj.dtype
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """`(n, c, h)` -> `(n, c, 2i)`."""
+        return torch.bmm(x, self.gate_up_proj if self.is_transposed else self.gate_up_proj.transpose(1, 2))
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """`(n, c, i)` -> `(n, c, h)`."""
+        return torch.bmm(x, self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2))
+
+
+@dataclass
+class LowRankExperts:
+    """Added experts that share one frozen source expert and each add a trainable rank-r delta to its projections:
+    `gate_up_e(x) = x W_src + (x A_e^T) B_e^T`, likewise for `down` (LoRA on the source expert, one per new expert).
+
+    source_gate_up: `(2i, h)` (`(h, 2i)` if transposed); source_down: `(h, i)` (`(i, h)`); gate_up_a: `(n, r, h)`;
+    gate_up_b: `(n, 2i, r)`; down_a: `(n, r, i)`; down_b: `(n, h, r)`. B is zero-initialised, so a new expert starts
+    as an exact copy of the source.
+    """
+
+    source_gate_up: torch.Tensor
+    source_down: torch.Tensor
+    gate_up_a: torch.Tensor
+    gate_up_b: torch.Tensor
+    down_a: torch.Tensor
+    down_b: torch.Tensor
+    is_transposed: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up_a.dtype
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_a.shape[0]
+
+    def _project(self, x: torch.Tensor, source: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        shared = x @ (source if self.is_transposed else source.t()).to(x.dtype)  # (n, c, out)
+        return shared + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """`(n, c, h)` -> `(n, c, 2i)`."""
+        return self._project(x, self.source_gate_up, self.gate_up_a, self.gate_up_b)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """`(n, c, i)` -> `(n, c, h)`."""
+        return self._project(x, self.source_down, self.down_a, self.down_b)
+
+
+AddedExperts = FullExperts | LowRankExperts
+
+
 def grouped_expert_forward(
     hidden: torch.Tensor,
     expert_index: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
+    experts: AddedExperts,
     apply_gate: Callable[[torch.Tensor], torch.Tensor],
-    is_transposed: bool = False,
 ) -> torch.Tensor:
-    """Gated FFN of expert `expert_index[r]` on row `hidden[r]`.
+    """Gated FFN of added expert `expert_index[r]` on row `hidden[r]`.
 
-    hidden: `(r, h)`; expert_index: `(r,)` in `[0, n)`; gate_up_proj: `(n, 2i, h)` (`(n, h, 2i)` if transposed);
-    down_proj: `(n, h, i)` (`(n, i, h)` if transposed); apply_gate maps `(..., 2i)` to `(..., i)`. Returns `(r, h)`.
+    hidden: `(r, h)`; expert_index: `(r,)` in `[0, n)`; apply_gate maps `(..., 2i)` to `(..., i)`. Returns `(r, h)`.
     """
-    num_experts = gate_up_proj.shape[0]
+    num_experts = experts.num_experts
     if num_experts == 1:
-        gate_up = gate_up_proj[0] if is_transposed else gate_up_proj[0].t()
-        down = down_proj[0] if is_transposed else down_proj[0].t()
-        return apply_gate(hidden @ gate_up) @ down
+        return experts.down(apply_gate(experts.gate_up(hidden.unsqueeze(0))))[0]
     order = torch.argsort(expert_index, stable=True)  # (r,)
     sorted_expert = expert_index[order]
     counts = torch.bincount(expert_index, minlength=num_experts)  # (n,)
     group_start = torch.cumsum(counts, 0) - counts
     slot = torch.arange(order.numel(), device=hidden.device) - group_start[sorted_expert]  # row within its group
-    capacity = int(counts.max())
+    capacity = int(counts.max()) if order.numel() else 0
     padded = hidden.new_zeros(num_experts, capacity, hidden.shape[-1])  # (n, c, h)
     padded[sorted_expert, slot] = hidden[order]
-    gate_up = gate_up_proj if is_transposed else gate_up_proj.transpose(1, 2)  # (n, h, 2i)
-    down = down_proj if is_transposed else down_proj.transpose(1, 2)  # (n, i, h)
-    out_padded = torch.bmm(apply_gate(torch.bmm(padded, gate_up)), down)  # (n, c, h)
+    out_padded = experts.down(apply_gate(experts.gate_up(padded)))  # (n, c, h)
     out = torch.empty_like(hidden)
     out[order] = out_padded[sorted_expert, slot]
     return out
@@ -66,10 +130,8 @@ def added_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     num_base_experts: int,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
+    experts: AddedExperts,
     apply_gate: Callable[[torch.Tensor], torch.Tensor],
-    is_transposed: bool = False,
     weights_scale_input: bool = False,
 ) -> torch.Tensor:
     """Weighted output of the added experts (ids `>= num_base_experts` in `top_k_index`).
@@ -81,14 +143,11 @@ def added_experts_forward(
     out = torch.zeros_like(hidden)
     # No early exit when r == 0: the empty matmuls keep the added experts in the autograd graph (zero gradients),
     # which DDP needs to see every trainable parameter used in every step.
-    compute_dtype = gate_up_proj.dtype
-    rows = hidden[token_pos].to(compute_dtype)  # (r, h)
-    weights = top_k_weights[token_pos, slot_pos].to(compute_dtype).unsqueeze(-1)  # (r, 1)
+    rows = hidden[token_pos].to(experts.dtype)  # (r, h)
+    weights = top_k_weights[token_pos, slot_pos].to(experts.dtype).unsqueeze(-1)  # (r, 1)
     if weights_scale_input:
         rows = rows * weights
-    expert_out = grouped_expert_forward(
-        rows, top_k_index[token_pos, slot_pos] - num_base_experts, gate_up_proj, down_proj, apply_gate, is_transposed
-    )
+    expert_out = grouped_expert_forward(rows, top_k_index[token_pos, slot_pos] - num_base_experts, experts, apply_gate)
     if not weights_scale_input:
         expert_out = expert_out * weights
     return out.index_add(0, token_pos, expert_out.to(hidden.dtype))

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantization import parameter_meta, parameter_slice
+
 
 @dataclass(frozen=True)
 class MoEFamily:
@@ -39,7 +41,7 @@ class MoEFamily:
         return getattr(block, self.router_attribute)
 
     def num_experts(self, block: nn.Module) -> int:
-        return block.experts.gate_up_proj.shape[0]
+        return parameter_meta(block.experts, "gate_up_proj")[0][0]
 
     def top_k(self, block: nn.Module) -> int:
         return self.router(block).top_k
@@ -108,7 +110,20 @@ def experts_are_transposed(experts: nn.Module) -> bool:
 
     Llama 4 uses the transposed layout without declaring it; detect the hidden size in dim 1 of `gate_up_proj`.
     """
-    return getattr(experts, "is_transposed", experts.gate_up_proj.shape[1] == experts.down_proj.shape[-1])
+    if hasattr(experts, "is_transposed"):
+        return experts.is_transposed
+    return parameter_meta(experts, "gate_up_proj")[0][1] == parameter_meta(experts, "down_proj")[0][-1]
+
+
+def hidden_size_of(experts: nn.Module) -> int:
+    """Hidden size of a fused experts module (from its tensors' shapes; nothing is dequantized)."""
+    shape = parameter_meta(experts, "gate_up_proj")[0]
+    return shape[1] if experts_are_transposed(experts) else shape[-1]
+
+
+def expert_weights(experts: nn.Module, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `index`'s `(gate_up, down)` weights in the module's layout (dequantized alone if stored in 4 bits)."""
+    return parameter_slice(experts, "gate_up_proj", index), parameter_slice(experts, "down_proj", index)
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")

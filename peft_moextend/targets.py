@@ -19,9 +19,9 @@ def language_model_name(model: nn.Module) -> str:
     return next((name for name, module in model.named_modules() if module is decoder), "")
 
 
-def default_language_model_targets(model: nn.Module) -> str:
-    """Regex for PEFT's `target_modules`: the `LANGUAGE_MODEL_LINEARS` inside the language model (never a tower)."""
+def default_language_model_targets(model: nn.Module, linears: tuple[str, ...] = LANGUAGE_MODEL_LINEARS) -> str:
+    """Regex for PEFT's `target_modules`: the `linears` (by name) inside the language model (never a tower)."""
     prefix = language_model_name(model)
-    names = "|".join(LANGUAGE_MODEL_LINEARS)
+    names = "|".join(linears)
     scope = rf"{re.escape(prefix)}\..*" if prefix else r".*"
     return rf"^{scope}\.({names})$"

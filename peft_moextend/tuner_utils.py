@@ -17,6 +17,7 @@ from torch import nn
 
 from .call_inputs import CallInputs, call_scope
 from .compat import check_model_supported
+from .expert_quantization import quantize_experts_like_the_base
 from .modality import media_tower
 from .quantization import linear_features, protect_cpu_4bit_layers
 from .targets import default_language_model_targets
@@ -38,6 +39,7 @@ class ExpertTuner(BaseTuner):
         check_model_supported(model)
         self.call_inputs = CallInputs.attach(model)
         protect_cpu_4bit_layers(model)
+        quantize_experts_like_the_base(model)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
@@ -81,6 +83,12 @@ class ExpertTuner(BaseTuner):
     def _prepare_model(self, peft_config: PeftConfig, model: nn.Module) -> None:
         if peft_config.target_modules is None:
             peft_config.target_modules = self._default_target_modules(model)
+
+    def _check_target_module_exists(self, peft_config: PeftConfig, key: str):
+        # bitsandbytes' 4-bit storage of fused expert tensors (`experts.parametrizations.down_proj`) is no layer
+        if ".parametrizations." in f".{key}.":
+            return False
+        return super()._check_target_module_exists(peft_config, key)
 
     def _default_target_modules(self, model: nn.Module) -> str:
         """`target_modules` when the config leaves it None: the language model's projections."""

@@ -71,11 +71,13 @@ def train_steps(model: nn.Module, batch: dict, steps: int = 3, lr: float = 1e-2)
 
 
 def load_quantized_with_reference(folder: Path, bits: int):
-    """The model saved in `folder` loaded in bitsandbytes `bits`-bit, and an fp32 copy whose quantized linears hold
-    exactly the dequantized weights (what the quantized model computes with), on the quantized model's device
-    (CUDA where there is a GPU)."""
+    """The model saved in `folder` loaded in bitsandbytes `bits`-bit (4-bit: fused MoE experts too, as
+    `get_peft_model` stores them), and an fp32 copy whose quantized weights hold exactly the dequantized values (what
+    the quantized model computes with), on the quantized model's device (CUDA where there is a GPU)."""
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peft_moextend import quantize_moe_experts
 
     quantization = (
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
@@ -83,6 +85,8 @@ def load_quantized_with_reference(folder: Path, bits: int):
         else BitsAndBytesConfig(load_in_8bit=True)
     )
     quantized = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
+    if bits == 4:  # what get_peft_model does to a 4-bit base's fused MoE experts (no-op for dense models)
+        quantize_moe_experts(quantized, quant_type=quantization.bnb_4bit_quant_type)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(quantized.device)
     quantized_modules = dict(quantized.named_modules())
     with torch.no_grad():
@@ -92,4 +96,7 @@ def load_quantized_with_reference(folder: Path, bits: int):
                 module.weight.copy_(bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state))
             elif isinstance(q, bnb.nn.Linear8bitLt):
                 module.weight.copy_(q.weight.data.float() * q.weight.SCB.float()[:, None] / 127)
+            elif hasattr(q, "parametrizations"):  # 4-bit fused experts
+                for tensor in q.parametrizations:
+                    getattr(module, tensor).copy_(getattr(q, tensor))
     return quantized, reference

@@ -232,7 +232,7 @@ def test_cached_generation_equals_uncached_on_every_family(family):
 
 
 def test_only_routed_tokens_reach_new_experts():
-    from peft_moextend.experts import added_experts_forward, grouped_expert_forward
+    from peft_moextend.experts import FullExperts, added_experts_forward, grouped_expert_forward
 
     torch.manual_seed(0)
     hidden = torch.randn(7, 8)
@@ -243,13 +243,16 @@ def test_only_routed_tokens_reach_new_experts():
         return torch.nn.functional.silu(g) * u
 
     index = torch.tensor([2, 0, 1, 2, 2, 0, 1])
-    rows = grouped_expert_forward(hidden, index, gate_up, down, gate)
+    rows = grouped_expert_forward(hidden, index, FullExperts(gate_up, down), gate)
     naive = torch.stack([gate(hidden[r] @ gate_up[e].T) @ down[e].T for r, e in enumerate(index.tolist())])
     torch.testing.assert_close(rows, naive)
+    # the transposed layout (Llama 4) computes the same
+    transposed = FullExperts(gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous(), True)
+    torch.testing.assert_close(grouped_expert_forward(hidden, index, transposed, gate), naive)
 
     top_k_index = torch.tensor([[0, 4], [1, 2], [5, 6], [3, 0], [4, 4], [1, 3], [6, 0]])
     top_k_weights = torch.rand(7, 2)
-    out = added_experts_forward(hidden, top_k_index, top_k_weights, 4, gate_up, down, gate)
+    out = added_experts_forward(hidden, top_k_index, top_k_weights, 4, FullExperts(gate_up, down), gate)
     assert torch.equal(out[[1, 3, 5]], torch.zeros(3, 8))  # tokens that chose no new expert get exactly zero
     expected = torch.zeros(7, 8)
     for t in range(7):
@@ -258,6 +261,33 @@ def test_only_routed_tokens_reach_new_experts():
             if e >= 4:
                 expected[t] += top_k_weights[t, slot] * (gate(hidden[t] @ gate_up[e - 4].T) @ down[e - 4].T)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["standard", "transposed"])
+def test_low_rank_experts_are_the_source_expert_plus_their_deltas(transposed):
+    from peft_moextend.experts import LowRankExperts, grouped_expert_forward
+
+    torch.manual_seed(0)
+    hidden, source_gate_up, source_down = torch.randn(9, 8), torch.randn(12, 8), torch.randn(8, 6)
+    deltas = [torch.randn(3, 2, 8), torch.randn(3, 12, 2), torch.randn(3, 2, 6), torch.randn(3, 8, 2)]
+
+    def gate(x):
+        g, u = x.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+    layout = (
+        (source_gate_up.T.contiguous(), source_down.T.contiguous()) if transposed else (source_gate_up, source_down)
+    )
+    experts = LowRankExperts(*layout, *deltas, is_transposed=transposed)
+    index = torch.tensor([2, 0, 1, 2, 2, 0, 1, 1, 0])
+    gate_up_a, gate_up_b, down_a, down_b = deltas
+    naive = torch.stack(
+        [
+            gate(hidden[r] @ (source_gate_up + gate_up_b[e] @ gate_up_a[e]).T) @ (source_down + down_b[e] @ down_a[e]).T
+            for r, e in enumerate(index.tolist())
+        ]
+    )
+    torch.testing.assert_close(grouped_expert_forward(hidden, index, experts, gate), naive, rtol=1e-4, atol=1e-4)
 
 
 def test_zeros_init_outputs_zero_from_new_experts_and_still_trains():

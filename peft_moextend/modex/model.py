@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
 
-from ..targets import language_model_name
+from ..targets import default_language_model_targets
 from ..tuner_utils import ExpertTuner
 from .config import ModeXConfig
 from .layer import ModeXLayer, ModeXNormLayer
@@ -33,9 +32,7 @@ class ModeXModel(ExpertTuner):
     merge_refusal = "the serial adapter is non-linear (ReLU bottleneck, per-token coordinator weights)."
 
     def _default_target_modules(self, model: nn.Module) -> str:
-        prefix = language_model_name(model)
-        scope = rf"{re.escape(prefix)}\..*" if prefix else r".*"
-        return rf"^{scope}\.({'|'.join(ADAPTED_OUTPUTS)})$"
+        return default_language_model_targets(model, ADAPTED_OUTPUTS)
 
     def _prepare_model(self, peft_config: ModeXConfig, model: nn.Module) -> None:
         super()._prepare_model(peft_config, model)

@@ -24,6 +24,11 @@ class MoExtendConfig(ExpertConfig):
 
     Args:
         num_new_experts: New experts per extended layer.
+        new_expert_rank: None (default): every new expert is a full copy of its source expert and trains all its
+            weights. An int r: a new expert is its source expert's frozen weights (shared with the base, never
+            copied; 4-bit when the base experts are) plus a trainable rank-r delta on its gate/up and on its down
+            projection (zero-initialised: it starts as an exact copy of the source): `r * (2h + 3i)` trainable
+            parameters per new expert instead of `3 h i`.
         target_layers: Decoder-layer indices whose MoE block is extended; None extends every MoE layer. Use
             `peft_moextend.moextend.plan_extension` to choose them by expert-usage shift (the paper's stage 2).
         expert_init: How new experts (and their router rows) are initialised: "most_used" copies the layer's most
@@ -49,6 +54,10 @@ class MoExtendConfig(ExpertConfig):
     method_name: ClassVar[str] = "MoExtend"
 
     num_new_experts: int = field(default=1, metadata={"help": "New experts per extended MoE layer."})
+    new_expert_rank: int | None = field(
+        default=None,
+        metadata={"help": "None: full new experts; r: the source expert's frozen weights plus a rank-r delta."},
+    )
     target_layers: list[int] | None = field(
         default=None, metadata={"help": "Decoder-layer indices whose MoE block is extended; None = every MoE layer."}
     )
@@ -79,6 +88,15 @@ class MoExtendConfig(ExpertConfig):
         self.peft_type = MoExtendPeftType.MOEXTEND
         if not isinstance(self.num_new_experts, int) or self.num_new_experts < 1:
             raise ValueError(f"`num_new_experts` must be an integer >= 1, got {self.num_new_experts!r}.")
+        if self.new_expert_rank is not None and (
+            not isinstance(self.new_expert_rank, int)
+            or isinstance(self.new_expert_rank, bool)
+            or self.new_expert_rank < 1
+        ):
+            raise ValueError(
+                f"`new_expert_rank` must be None (full new experts) or a positive integer rank, got "
+                f"{self.new_expert_rank!r}."
+            )
         if self.target_layers is not None:
             if isinstance(self.target_layers, int):
                 self.target_layers = [self.target_layers]
@@ -89,6 +107,11 @@ class MoExtendConfig(ExpertConfig):
                 )
             self.target_layers = sorted(set(self.target_layers))
         self.expert_init = self._normalise_expert_init(self.expert_init)
+        if self.new_expert_rank is not None and self.expert_init == "zeros":
+            raise ValueError(
+                "`expert_init='zeros'` (new experts output zero at start) cannot be expressed by low-rank new experts, "
+                "which start as copies of their source expert: use `new_expert_rank=None` or another `expert_init`."
+            )
         if self.calibration_hidden_size < 1:
             raise ValueError(f"`calibration_hidden_size` must be >= 1, got {self.calibration_hidden_size}.")
         if self.router_aux_loss_coef < 0:

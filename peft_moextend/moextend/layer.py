@@ -12,9 +12,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..call_inputs import CallInputs
-from ..experts import added_experts_forward
+from ..experts import AddedExperts, FullExperts, LowRankExperts, added_experts_forward, kaiming_uniform_experts
 from ..modality import MODALITIES, modality_index
-from ..moe_families import MoEFamily, experts_are_transposed
+from ..moe_families import MoEFamily, expert_weights, experts_are_transposed, hidden_size_of
+from ..quantization import parameter_meta
 from ..routing import RoutedLayer, RoutingRecord, dispatch_mask_from_top_k
 from .config import MoExtendConfig
 from .router import extended_routing
@@ -23,21 +24,29 @@ from .router import extended_routing
 class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
     """An MoE block (`base_layer`, frozen) plus, per adapter, `n` new experts with their router rows.
 
-    Added parameters (all trainable, all prefixed `moextend_`):
-    `moextend_gate_up_proj[adapter]` `(n, 2i, h)` (`(n, h, 2i)` for transposed layouts such as Llama 4),
-    `moextend_down_proj[adapter]` `(n, h, i)` (`(n, i, h)`), `moextend_router[adapter]` `(n, h)` and the optional
-    calibration MLP `moextend_calibration_in[adapter]` `(d, e+n)`, `moextend_calibration_out[adapter]` `(e+n, d)`.
+    Added parameters (all trainable, all prefixed `moextend_`), per adapter:
+    - full new experts (`new_expert_rank=None`): `moextend_gate_up_proj` `(n, 2i, h)` (`(n, h, 2i)` for transposed
+      layouts such as Llama 4) and `moextend_down_proj` `(n, h, i)` (`(n, i, h)`);
+    - low-rank new experts (`new_expert_rank=r`): deltas on the shared source expert `moextend_source_expert`,
+      `moextend_gate_up_A` `(n, r, h)`, `moextend_gate_up_B` `(n, 2i, r)`, `moextend_down_A` `(n, r, i)`,
+      `moextend_down_B` `(n, h, r)` (B zero-initialised);
+    - `moextend_router` `(n, h)` and the optional calibration MLP `moextend_calibration_in` `(d, e+n)`,
+      `moextend_calibration_out` `(e+n, d)`.
     Every added tensor sits directly in a per-adapter container, so saved keys are `<module>.<container>`.
     """
 
     adapter_layer_names = (
         "moextend_gate_up_proj",
         "moextend_down_proj",
+        "moextend_gate_up_A",
+        "moextend_gate_up_B",
+        "moextend_down_A",
+        "moextend_down_B",
         "moextend_router",
         "moextend_calibration_in",
         "moextend_calibration_out",
     )
-    other_param_names = ("moextend_modalities", "moextend_aux_loss_coef")
+    other_param_names = ("moextend_modalities", "moextend_aux_loss_coef", "moextend_source_expert")
 
     def __init__(self, base_layer: nn.Module, family: MoEFamily, layer_index: int, call_inputs: CallInputs) -> None:
         super().__init__()
@@ -45,13 +54,11 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         self.family = family
         self.layer_index = layer_index
         self.call_inputs = call_inputs
-        self.moextend_gate_up_proj = nn.ParameterDict()
-        self.moextend_down_proj = nn.ParameterDict()
-        self.moextend_router = nn.ParameterDict()
-        self.moextend_calibration_in = nn.ParameterDict()
-        self.moextend_calibration_out = nn.ParameterDict()
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
         self.moextend_modalities: dict[str, torch.Tensor | None] = {}
         self.moextend_aux_loss_coef: dict[str, float] = {}
+        self.moextend_source_expert: dict[str, int] = {}  # low-rank adapters: the expert their deltas apply to
         self.routing_records: dict[str, RoutingRecord] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -61,23 +68,22 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         return self.family.num_experts(self.base_layer)
 
     def update_layer(self, adapter_name: str, config: MoExtendConfig, source_expert: int) -> None:
-        """Create adapter `adapter_name`: `config.num_new_experts` copies of expert `source_expert`."""
-        experts = self.base_layer.experts
+        """Create adapter `adapter_name`: `config.num_new_experts` new experts starting as copies of expert
+        `source_expert` (full copies, or low-rank deltas on it), with its router row."""
         num_new, num_base = config.num_new_experts, self.num_base_experts
         if not 0 <= source_expert < num_base:
             raise ValueError(
                 f"`expert_init` asks to copy expert {source_expert} in layer {self.layer_index}, which has "
                 f"{num_base} experts (valid indices 0..{num_base - 1})."
             )
-        with torch.no_grad():
-            gate_up = experts.gate_up_proj[source_expert].detach().float().clone()
-            down = experts.down_proj[source_expert].detach().float().clone()
-            if config.expert_init == "zeros":
-                down.zero_()
-            router_row = self.family.router(self.base_layer).weight[source_expert].detach().float().clone()
-        self.moextend_gate_up_proj[adapter_name] = nn.Parameter(gate_up.unsqueeze(0).repeat(num_new, 1, 1))
-        self.moextend_down_proj[adapter_name] = nn.Parameter(down.unsqueeze(0).repeat(num_new, 1, 1))
-        self.moextend_router[adapter_name] = nn.Parameter(router_row.unsqueeze(0).repeat(num_new, 1))
+        router_row, gate_up, down = self._source_weights(source_expert, zero_down_proj=config.expert_init == "zeros")
+        self.moextend_router[adapter_name] = nn.Parameter(router_row.repeat(num_new, 1))
+        if config.new_expert_rank is None:
+            self.moextend_gate_up_proj[adapter_name] = nn.Parameter(gate_up.repeat(num_new, 1, 1))
+            self.moextend_down_proj[adapter_name] = nn.Parameter(down.repeat(num_new, 1, 1))
+        else:
+            self._create_low_rank_deltas(adapter_name, num_new, config.new_expert_rank)
+            self.moextend_source_expert[adapter_name] = source_expert
         if config.calibration:
             # nn.Linear's default init for the first layer; zeros for the last (identity correction at start)
             calibration_in = nn.Linear(num_base + num_new, config.calibration_hidden_size, bias=False).weight.detach()
@@ -93,25 +99,69 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def copy_expert_into_new(self, adapter_name: str, source_expert: int, zero_down_proj: bool) -> None:
-        """Re-initialise the new experts and router rows of `adapter_name` from expert `source_expert`."""
+    def _create_low_rank_deltas(self, adapter_name: str, num_new: int, rank: int) -> None:
         experts = self.base_layer.experts
+        hidden = hidden_size_of(experts)
+        intermediate = parameter_meta(experts, "down_proj")[0][1 if experts_are_transposed(experts) else 2]
+        for prefix, (in_features, out_features) in {
+            "gate_up": (hidden, 2 * intermediate),
+            "down": (intermediate, hidden),
+        }.items():
+            weight_a = kaiming_uniform_experts(num_new, rank, in_features).view(num_new, rank, in_features)
+            getattr(self, f"moextend_{prefix}_A")[adapter_name] = nn.Parameter(weight_a)
+            getattr(self, f"moextend_{prefix}_B")[adapter_name] = nn.Parameter(torch.zeros(num_new, out_features, rank))
+
+    def is_low_rank(self, adapter_name: str) -> bool:
+        return adapter_name in self.moextend_gate_up_A
+
+    def _source_weights(self, source_expert: int, zero_down_proj: bool) -> tuple[torch.Tensor, ...]:
+        """Copies of expert `source_expert`'s router row `(h,)`, gate/up `(2i, h)` and down `(h, i)` weights (base
+        layout; the expert alone is dequantized from a 4-bit base)."""
         with torch.no_grad():
-            self.moextend_gate_up_proj[adapter_name].copy_(experts.gate_up_proj[source_expert].unsqueeze(0))
-            down = self.moextend_down_proj[adapter_name]
-            if zero_down_proj:
-                down.zero_()
+            router_row = self.family.router(self.base_layer).weight[source_expert].detach().clone()
+            gate_up, down = (w.detach().clone() for w in expert_weights(self.base_layer.experts, source_expert))
+        return router_row, gate_up, torch.zeros_like(down) if zero_down_proj else down
+
+    def copy_expert_into_new(self, adapter_name: str, source_expert: int, zero_down_proj: bool) -> None:
+        """Re-initialise, in place, the new experts and router rows of `adapter_name` from expert `source_expert`:
+        full experts copy its weights (the down projection zeroed with `zero_down_proj`); low-rank ones take it as
+        their source and restart from a zero delta."""
+        router_row, gate_up, down = self._source_weights(source_expert, zero_down_proj)
+        with torch.no_grad():
+            self.moextend_router[adapter_name].copy_(router_row.unsqueeze(0))
+            if self.is_low_rank(adapter_name):
+                self.moextend_source_expert[adapter_name] = source_expert
+                self.moextend_gate_up_B[adapter_name].zero_()
+                self.moextend_down_B[adapter_name].zero_()
             else:
-                down.copy_(experts.down_proj[source_expert].unsqueeze(0))
-            router_weight = self.family.router(self.base_layer).weight
-            self.moextend_router[adapter_name].copy_(router_weight[source_expert].unsqueeze(0))
+                self.moextend_gate_up_proj[adapter_name].copy_(gate_up.unsqueeze(0))
+                self.moextend_down_proj[adapter_name].copy_(down.unsqueeze(0))
+
+    def added_experts(self, adapter_name: str) -> AddedExperts:
+        """The new experts of `adapter_name`, ready for `added_experts_forward`."""
+        transposed = experts_are_transposed(self.base_layer.experts)
+        if not self.is_low_rank(adapter_name):
+            return FullExperts(
+                self.moextend_gate_up_proj[adapter_name], self.moextend_down_proj[adapter_name], transposed
+            )
+        source_gate_up, source_down = expert_weights(self.base_layer.experts, self.moextend_source_expert[adapter_name])
+        return LowRankExperts(
+            source_gate_up,
+            source_down,
+            self.moextend_gate_up_A[adapter_name],
+            self.moextend_gate_up_B[adapter_name],
+            self.moextend_down_A[adapter_name],
+            self.moextend_down_B[adapter_name],
+            transposed,
+        )
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """An MoE block has no `weight`: follow its experts' device and (floating) dtype, as PEFT's LoRA follows its
-        base weight; PEFT's `autocast_adapter_dtype=True` then upcasts float16/bfloat16 to float32."""
-        experts = self.base_layer.experts.gate_up_proj
-        target = device if device is not None else experts.device
-        dtype = experts.dtype if experts.dtype.is_floating_point else None
+        base weight (a 4-bit expert tensor counts with the dtype it computes in); PEFT's
+        `autocast_adapter_dtype=True` then upcasts float16/bfloat16 to float32."""
+        _, experts_dtype, experts_device = parameter_meta(self.base_layer.experts, "gate_up_proj")
+        target = device if device is not None else experts_device
+        dtype = experts_dtype if experts_dtype.is_floating_point else None
         for name in self.adapter_layer_names:
             container = getattr(self, name)
             if adapter_name in container and container[adapter_name].device.type != "meta":
@@ -193,10 +243,8 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             top_k_index,
             top_k_weights,
             num_base,
-            self.moextend_gate_up_proj[adapter],
-            self.moextend_down_proj[adapter],
+            self.added_experts(adapter),
             getattr(experts, "_apply_gate", None) or _default_gate(experts.act_fn),
-            is_transposed=experts_are_transposed(experts),
             weights_scale_input=family.weights_scale_input,
         )
         out = family.add_shared_expert(block, hidden, routed).reshape(input_shape)

@@ -12,9 +12,9 @@ from torch import nn
 from ..moe_families import (
     MoEFamily,
     decoder_layer_index,
-    experts_are_transposed,
     family_of,
     find_moe_blocks,
+    hidden_size_of,
     supported_blocks_message,
 )
 from ..tuner_utils import ExpertTuner
@@ -79,7 +79,7 @@ class MoExtendModel(ExpertTuner):
             chosen = list(blocks)
         _, first_block, family = blocks[chosen[0]]
         num_experts = family.num_experts(first_block)
-        hidden_size = first_block.experts.gate_up_proj.shape[1 if experts_are_transposed(first_block.experts) else -1]
+        hidden_size = hidden_size_of(first_block.experts)
         for option, expected, actual in (
             ("num_base_experts", peft_config.num_base_experts, num_experts),
             ("hidden_size", peft_config.hidden_size, hidden_size),

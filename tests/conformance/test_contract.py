@@ -3,8 +3,8 @@
 Points: 1 injection and gradients, 2 Trainer (aux loss, checkpoints, resume), 3 save/load paths, 4 multiple
 adapters, 5 quantized bases, 6 gradient checkpointing and torch.compile, 8 Hub upload, 9 disable / unload /
 delete leave exactly the base model, 10 mixed precision with mixed batches, 11 cached generation, 12
-`modules_to_save` (heads, projectors). (7, distributed: see test_distributed.py; PEFT's custom-model points:
-test_peft_contract.py.)
+`modules_to_save` (heads, projectors), 13 4-bit MoE bases (4-bit experts). (7, distributed: see
+test_distributed.py; PEFT's custom-model points: test_peft_contract.py.)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tiny_models import MOE_FAMILIES
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    BitsAndBytesConfig,
     LlamaForSequenceClassification,
     MixtralForSequenceClassification,
     Trainer,
@@ -602,3 +603,41 @@ def test_12_a_projector_in_modules_to_save_trains_saves_and_reloads_per_adapter(
             assert torch.equal(reloaded(**batch).logits, logits[adapter]), adapter
         assert torch.equal(auto(**batch).logits, logits["default"])
         assert torch.equal(plain(**batch).logits, logits["default"])
+
+
+# 13 ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_13_a_4bit_moe_base_gets_4bit_experts_for_every_method(case, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    family = "mixtral"
+    model = make_model(family)
+    batch = make_batch(model, family)
+    model.save_pretrained(tmp_path / "base")
+
+    def load_4bit():
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, dtype=torch.float32)
+
+    def expert_storage(peft_model):
+        experts = [m for m in peft_model.modules() if "gate_up_proj" in getattr(m, "parametrizations", {})]
+        return {
+            f"{i}.{name}": module.parametrizations[name].original.clone()
+            for i, module in enumerate(experts)
+            for name in ("gate_up_proj", "down_proj")
+        }
+
+    peft_model = get_peft_model(load_4bit(), case.make_config(family, 0))
+    stored = expert_storage(peft_model)
+    assert len(stored) == 4 and all(t.dtype == torch.uint8 for t in stored.values())  # 2 MoE layers, 4-bit
+    perturb_adapter(peft_model, case.prefix)
+    train_steps(peft_model, batch, steps=2)
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == adapter_names(peft_model, case.prefix)
+    assert all(torch.equal(stored[k], v) for k, v in expert_storage(peft_model).items())
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert all(case.prefix in k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    reloaded = PeftModel.from_pretrained(load_4bit(), tmp_path / "adapter")
+    assert len(expert_storage(reloaded)) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=0, atol=1e-4)
