@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import queue as queue_module
 import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -88,3 +90,38 @@ def add_size_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the results to this file")
+
+
+def current_rss_bytes() -> int:
+    """The process's resident set size now (Linux /proc; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakRSS:
+    """Context manager sampling the process's RSS every `interval` s in a thread: `.peak` is the highest RSS seen
+    inside the block (unlike ru_maxrss, not hidden by a higher peak earlier, e.g. while loading a model)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = current_rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
