@@ -101,6 +101,22 @@ def current_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_freed_memory() -> None:
+    """Give memory freed by Python/torch back to the OS (glibc `malloc_trim`), so that RSS measures live data and
+    not what the allocator kept from earlier peaks (e.g. loading a float32 checkpoint before quantizing it)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class PeakRSS:
     """Context manager sampling the process's RSS every `interval` s in a thread: `.peak` is the highest RSS seen
     inside the block (unlike ru_maxrss, not hidden by a higher peak earlier, e.g. while loading a model)."""

@@ -10,9 +10,9 @@ Part 1, measured (each variant in its own process, 2 CPU threads by default):
   bfloat16);
 - new experts: one per extended layer in half of the MoE layers (the paper extends half), full copies or
   `new_expert_rank` (default 16);
-- reported: resident bytes of the frozen base (4-bit statistics included), trainable parameters, peak RSS during
-  training steps (sampled) and median step time (AdamW, batch 2 x 128 tokens), with ratios to the fp32 base + full
-  new experts of the same model in the same run.
+- reported: resident bytes of the frozen base (4-bit statistics included), trainable parameters, RSS before the
+  steps (after giving freed memory back to the OS), peak RSS during training steps (sampled) and median step time
+  (AdamW, batch 2 x 128 tokens), with ratios to the fp32 base + full new experts of the same model in the same run.
 
 Part 2, computed from published configs (no download): GiB of the base, the new experts, their gradients and AdamW
 state, and (4-bit) one MoE layer's experts dequantized while it computes, for Mixtral-8x7B, Qwen3-30B-A3B and
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import PeakRSS, current_rss_bytes, in_subprocess
+from common import PeakRSS, current_rss_bytes, in_subprocess, release_freed_memory
 
 BASES = ("fp32", "bf16", "4bit")
 NEW_EXPERTS = ("full", "low_rank")
@@ -103,6 +103,7 @@ def run_variant(folder: str, base: str, new_experts: str, args: argparse.Namespa
     batch = {"input_ids": input_ids, "labels": input_ids}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model.train()
+    release_freed_memory()
     rss_before = current_rss_bytes()
     times = []
     with PeakRSS() as peak:
@@ -150,18 +151,19 @@ def measured_table(name: str, rows: dict) -> str:
     reference = rows.get("fp32/full", {})
     header = (
         f"**{name}** (ratios to fp32 base + full new experts)\n\n"
-        "| base / new experts | base weights | ratio | new experts (dtype) | trainable | peak RSS in steps | ratio "
-        "| step | ratio |\n|---|---|---|---|---|---|---|---|---|"
+        "| base / new experts | base weights | ratio | new experts (dtype) | trainable | RSS before steps "
+        "| peak RSS in steps | ratio | step | ratio |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for variant, row in rows.items():
         if "error" in row:
-            lines.append(f"| {variant} | failed: {row['error']} | | | | | | | |")
+            lines.append(f"| {variant} | failed: {row['error']} | | | | | | | | |")
             continue
         lines.append(
             f"| {variant} | {row['base_bytes'] / 2**20:.0f} MiB | {row['base_bytes'] / reference['base_bytes']:.3f}x "
             f"| {row['adapter_bytes'] / 2**20:.1f} MiB ({row['adapter_dtype']}) | {row['trainable'] / 1e6:.2f} M "
-            f"| {row['peak_rss'] / 2**20:.0f} MiB | {row['peak_rss'] / reference['peak_rss']:.2f}x "
+            f"| {row['rss_before_steps'] / 2**20:.0f} MiB | {row['peak_rss'] / 2**20:.0f} MiB "
+            f"| {row['peak_rss'] / reference['peak_rss']:.2f}x "
             f"| {row['step_s']:.2f} s | {row['step_s'] / reference['step_s']:.2f}x |"
         )
     return "\n".join(lines)

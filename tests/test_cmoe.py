@@ -10,6 +10,7 @@ from peft import get_peft_model
 
 from peft_moextend import CMoEConfig
 from peft_moextend.cmoe import CMoELayer
+from peft_moextend.cmoe.model import probe_extends
 
 # three synthetic tasks whose inputs come from disjoint token ranges
 TASKS = {"low": (3, 40), "mid": (40, 80), "high": (80, 127)}
@@ -58,10 +59,12 @@ def test_three_tasks_no_forgetting_and_locator(locator):
 def test_probes_decide_where_experts_go():
     model = get_peft_model(make_llama(), CMoEConfig(r=2, experts_per_task=1, probe_threshold=0.0))
     train_task(model, "low")
-    everywhere = model.base_model.add_task("mid", probe_data=[batch("mid", s) for s in range(3)])
+    info = model.base_model.add_task("mid", probe_data=[batch("mid", s) for s in range(3)])
     layers = [m for m in model.modules() if isinstance(m, CMoELayer)]
-    assert len(everywhere["extended_layers"]) == len(layers) == 14
-    assert all(0 < share < 1 for share in everywhere["probe_shares"].values())
+    assert len(info["probe_shares"]) == len(layers) == 14
+    assert set(info["chance_shares"].values()) == {0.5}  # one old expert + the probe
+    # threshold 0: exactly the layers where the trained probe is used more than chance
+    assert info["extended_layers"] == sorted(k for k, share in info["probe_shares"].items() if share > 0.5)
     nowhere_config = CMoEConfig(r=2, experts_per_task=1, probe_threshold=1.0)
     model = get_peft_model(make_llama(), nowhere_config)
     train_task(model, "low")
@@ -71,6 +74,17 @@ def test_probes_decide_where_experts_go():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("cmoe_router_1" in n for n in trainable)
     assert not any("cmoe_A_1" in n for n, _ in model.named_parameters())
+
+
+def test_an_untrained_probe_extends_no_layer():
+    """An untrained probe takes exactly its uniform share; a fixed share threshold (0.2) would have extended every
+    layer with two old experts (uniform share 1/3)."""
+    model = get_peft_model(make_llama(), CMoEConfig(r=2, experts_per_task=2, probe_learning_rate=1e-30))
+    train_task(model, "low")
+    info = model.base_model.add_task("mid", probe_data=[batch("mid", s) for s in range(3)])
+    assert all(abs(share - 1 / 3) < 1e-6 for share in info["probe_shares"].values())
+    assert info["extended_layers"] == []
+    assert probe_extends(0.9, 1 / 3, 0.2) and not probe_extends(0.4, 1 / 3, 0.2) and probe_extends(0.0, 1.0, 0.2)
 
 
 def test_generate_keeps_the_task_for_every_decoding_step():
@@ -139,11 +153,11 @@ def test_whole_continual_state_reloads_in_a_fresh_process(tmp_path):
         probe = torch.load("{tmp_path / "probe.pt"}")
         with torch.no_grad():
             torch.save(model(**probe).logits, "{tmp_path / "logits.pt"}")
-        print(",".join(model.base_model.locate([probe])))
+        print(",".join(map(str, model.base_model.locate([probe]))))
         """
     )
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
-    assert out.strip().split(",") == located
+    assert out.strip().split(",") == [str(name) for name in located]
 
 
 def test_second_adapter_on_other_layers_resolves_its_own_tasks():
@@ -172,3 +186,72 @@ def test_second_adapter_on_other_layers_resolves_its_own_tasks():
     assert [m.module_name.endswith("down_proj") for m in layers if m.cmoe_is_locator.get("other")] == [True]
     model.delete_adapter("default")
     assert all("default" not in m.cmoe_settings and "default" not in m.cmoe_is_locator for m in layers)
+
+
+def test_restricted_to_images_text_keeps_the_base_computation_whatever_the_task():
+    from conformance.cases import perturb_adapter
+    from tiny_vlms import make_tiny_vlm, make_vlm_inputs
+
+    model = make_tiny_vlm("llava")
+    image_batch = make_vlm_inputs(model, "llava")
+    text_batch = make_vlm_inputs(model, "llava", with_media=False)
+    with torch.no_grad():
+        text_base, image_base = model(**text_batch).logits, model(**image_batch).logits
+    config = CMoEConfig(r=2, restrict_to_modalities=["image"], tasks=[{"name": "a", "layers": None}])
+    peft_model = get_peft_model(model, config)
+    peft_model.base_model.add_task("b")
+    perturb_adapter(peft_model, "cmoe_", scale=0.5)
+    first_image = int((image_batch["input_ids"][0] == model.config.image_token_index).nonzero()[0])
+    with torch.no_grad():
+        for task in ("a", "b"):
+            assert torch.equal(peft_model(**text_batch, task=task).logits, text_base)
+            logits = peft_model(**image_batch, task=task).logits
+            assert torch.equal(logits[:, :first_image], image_base[:, :first_image])
+            assert not torch.allclose(logits[:, first_image:], image_base[:, first_image:], atol=1e-4)
+    with pytest.raises(ValueError, match="restrict_to_modalities"):
+        CMoEConfig(restrict_to_modalities=[])
+
+
+@pytest.mark.parametrize("locator", ["vae", "gaussian", "mahalanobis"])
+def test_inputs_no_task_claims_take_the_base_path(locator):
+    model = get_peft_model(make_llama(), CMoEConfig(r=2, experts_per_task=1, locator=locator, locator_epochs=150))
+    for task in ("low", "high"):
+        train_task(model, task)
+        info = model.base_model.fit_locator(task, [batch(task, s, size=16) for s in range(4)])
+        assert info["threshold"] is not None
+    model.eval()
+    held_out = {task: [batch(task, 50 + s, size=16) for s in range(2)] for task in ("low", "high")}
+    for task, batches in held_out.items():
+        located = model.base_model.locate(batches)
+        assert sum(name != task for name in located) <= 1, located  # at most 1 of 32 held-out inputs missed
+    # inputs unlike any task's: all the same token (no task saw that); they take the base path, bit-identically
+    foreign = {"input_ids": torch.full((4, 12), 77), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    assert model.base_model.locate([foreign]) == [None] * 4
+    with torch.no_grad():
+        adapted = model(**foreign).logits
+        with model.disable_adapter():
+            assert torch.equal(model(**foreign).logits, adapted)
+
+
+def test_fitting_the_locator_stops_each_forward_at_the_first_layer():
+    model = get_peft_model(make_llama(), CMoEConfig(r=2, locator="gaussian"))
+    train_task(model, "low")
+    reached = []
+    model.base_model.model.lm_head.register_forward_hook(lambda *args: reached.append(1))
+    model.base_model.fit_locator("low", [batch("low", s) for s in range(3)])
+    assert not reached
+
+
+def test_by_modality_features_pool_text_and_media_tokens_apart():
+    from tiny_vlms import make_tiny_vlm, make_vlm_inputs
+
+    model = get_peft_model(make_tiny_vlm("llava"), CMoEConfig(r=2, locator="gaussian", locator_features="by_modality"))
+    model.base_model.add_task("images")
+    image_batches = [make_vlm_inputs(model.get_base_model(), "llava", batch_size=8, seed=s) for s in range(4)]
+    model.base_model.fit_locator("images", image_batches)
+    layer = model.base_model._locator_layer("default")
+    # mean and log-std of: text mean, media mean, media share
+    assert layer.cmoe_locator_0["default"].numel() == 2 * (2 * layer.in_features + 1)
+    text_only = make_vlm_inputs(model.get_base_model(), "llava", with_media=False)
+    assert model.base_model.locate([text_only]) == [None, None]  # no media: not the image task's input
+    assert model.base_model.locate([make_vlm_inputs(model.get_base_model(), "llava", seed=9)]) == ["images"] * 2

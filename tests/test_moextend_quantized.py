@@ -227,3 +227,26 @@ def test_new_experts_follow_the_base_dtype_unless_autocast():
     assert {p.dtype for n, p in kept.named_parameters() if "moextend_" in n} == {torch.bfloat16}
     upcast = get_peft_model(make_tiny_moe("mixtral").to(torch.bfloat16), MoExtendConfig())
     assert {p.dtype for n, p in upcast.named_parameters() if "moextend_" in n} == {torch.float32}
+
+
+def test_a_4bit_base_with_an_unsupported_moe_family_gets_a_warning_naming_it(tmp_path):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from peft_moextend import SMoLAConfig
+
+    config = GptOssConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2,
+    )
+    GptOssForCausalLM._from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    base = load_4bit(tmp_path, GptOssForCausalLM)
+    with pytest.warns(UserWarning, match=r"GptOssMLP at 'model.layers.0.mlp'.*gate_up_proj"):
+        get_peft_model(base, SMoLAConfig(r=2, expert_groups={"multimodal": 2}, target_modules=["q_proj"]))

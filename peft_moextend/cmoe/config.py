@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
+from ..modality import validate_modalities
 from ..registration import MoExtendPeftType
 
-LOCATORS = ("vae", "gaussian")
+LOCATORS = ("vae", "gaussian", "mahalanobis")
+LOCATOR_FEATURES = ("mean", "by_modality")
 
 
 @strict_options
@@ -29,14 +31,27 @@ class CMoEConfig(ExpertConfig):
         lora_alpha: Expert outputs are scaled by `lora_alpha / r`.
         target_modules: Linear layers that may receive experts; None: the language model's attention and MLP
             projections.
-        probe_threshold: PGKE: a layer gets the new task's experts only if the probe expert's routing share there
-            (its mean gate over the probe tokens) exceeds this value; elsewhere the task reuses old experts.
+        probe_threshold: PGKE: a layer gets the new task's experts only if the trained probe expert's routing share
+            there (its mean gate over the probe tokens) exceeds its uniform share `u = 1/(e+1)` (e old experts) by
+            this fraction of the rest: `share > u + probe_threshold * (1 - u)`; elsewhere the task reuses old experts.
+            (An untrained probe sits at `u`; comparing with a fixed share would extend every layer with few old
+            experts and decide by noise with more.)
         probe_steps: Training steps of the probe experts on the probe data.
         probe_learning_rate: Learning rate of the probe training.
-        locator: "vae" (a small VAE per task, lowest reconstruction error wins, as in the paper) or "gaussian"
-            (a diagonal Gaussian per task, highest likelihood wins).
+        locator: "vae" (a small VAE per task, lowest reconstruction error wins, as in the paper), "gaussian" (a
+            diagonal Gaussian per task, highest likelihood wins) or "mahalanobis" (a full-covariance Gaussian per
+            task, shrunk towards a scaled identity).
+        locator_features: What the locator sees of a sample's input to the adapter's first layer: "mean" (the mean
+            over all tokens) or "by_modality" (the mean over text tokens next to the mean over media tokens).
+        locator_reject: Each task's locator also learns which inputs are not its own (its training inputs' scores
+            set a threshold); an input that no task claims takes the base model's path, with no expert.
+        locator_reject_quantile: The quantile of a task's own training scores its threshold starts from (see
+            `cmoe.locator.rejection_threshold`).
         locator_latent_size: Latent size of each task's VAE.
         locator_epochs: Training epochs of each task's VAE.
+        restrict_to_modalities: If set (e.g. `["image"]`), the experts act only on tokens of these modalities (from
+            the model's placeholder tokens or an explicit `modality_ids`); every other token takes the base model's
+            computation, so text-only inputs give exactly the base model's outputs whatever task is chosen.
         tasks: Filled in by `add_task`: `[{"name": ..., "layers": [extended module names]}, ...]` in order. Saved
             with the adapter so that loading rebuilds every task.
     """
@@ -49,12 +64,20 @@ class CMoEConfig(ExpertConfig):
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Layers that may receive experts; None = the language model's projections."}
     )
-    probe_threshold: float = field(default=0.2, metadata={"help": "PGKE routing-share threshold."})
+    probe_threshold: float = field(
+        default=0.2, metadata={"help": "PGKE: how far above its uniform share the probe's routing share must be."}
+    )
     probe_steps: int = field(default=10, metadata={"help": "Training steps of the probe experts."})
     probe_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the probe training."})
-    locator: str = field(default="vae", metadata={"help": "'vae' (paper) or 'gaussian'."})
+    locator: str = field(default="vae", metadata={"help": "'vae' (paper), 'gaussian' or 'mahalanobis'."})
+    locator_features: str = field(default="mean", metadata={"help": "'mean' or 'by_modality' pooling."})
+    locator_reject: bool = field(default=True, metadata={"help": "Inputs no task claims take the base path."})
+    locator_reject_quantile: float = field(default=0.01, metadata={"help": "Own-score quantile of the threshold."})
     locator_latent_size: int = field(default=16, metadata={"help": "Latent size of each task's VAE."})
     locator_epochs: int = field(default=200, metadata={"help": "Training epochs of each task's VAE."})
+    restrict_to_modalities: list[str] | None = field(
+        default=None, metadata={"help": "Modalities whose tokens the experts act on; None = all tokens."}
+    )
     tasks: list[dict] = field(default_factory=list, metadata={"help": "Filled in by add_task; do not set."})
 
     def __post_init__(self) -> None:
@@ -70,6 +93,15 @@ class CMoEConfig(ExpertConfig):
             raise ValueError(f"`probe_learning_rate` must be > 0, got {self.probe_learning_rate!r}.")
         if self.locator not in LOCATORS:
             raise ValueError(f"`locator` must be one of {LOCATORS}, got {self.locator!r}.")
+        if self.locator_features not in LOCATOR_FEATURES:
+            raise ValueError(f"`locator_features` must be one of {LOCATOR_FEATURES}, got {self.locator_features!r}.")
+        if not 0 <= self.locator_reject_quantile < 0.5:
+            raise ValueError(f"`locator_reject_quantile` must be in [0, 0.5), got {self.locator_reject_quantile!r}.")
+        if self.restrict_to_modalities is not None:
+            modalities = validate_modalities(self.restrict_to_modalities, "restrict_to_modalities")
+            self.restrict_to_modalities = list(modalities)
+            if not self.restrict_to_modalities:
+                raise ValueError("`restrict_to_modalities` must name at least one modality, or be None.")
         names = [task.get("name") for task in self.tasks]
         if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"`tasks` must have unique, non-empty names, got {names}.")

@@ -11,9 +11,10 @@ from torch import nn
 
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
+from ..modality import modality_index
 from ..tuner_utils import LinearExpertLayer, stage_container
 from .config import CMoEConfig
-from .locator import locator_size, task_scores
+from .locator import locate, locator_size, task_scores
 
 
 class TaskSelection:
@@ -68,7 +69,7 @@ class CMoELayer(LinearExpertLayer):
         self.cmoe_is_locator: dict[str, bool] = {}
 
     def _container(self, kind: str, task: int) -> nn.ParameterDict:
-        return stage_container(self, f"cmoe_{kind}_{task}", trainable=kind != "locator")
+        return stage_container(self, f"cmoe_{kind}_{task}", trainable=kind not in ("locator", "threshold"))
 
     def add_adapter(self, adapter_name: str, config: CMoEConfig, is_locator: bool) -> None:
         """Hold adapter `adapter_name` (no task yet); `is_locator`: this is the adapter's first layer."""
@@ -108,35 +109,70 @@ class CMoELayer(LinearExpertLayer):
 
     def place_adapter(self, adapter_name: str) -> None:
         super().place_adapter(adapter_name)
-        for name in self.other_param_names:  # density models stay float32 on every base
-            if name.startswith("cmoe_locator_") and adapter_name in getattr(self, name):
-                self.set_locator(adapter_name, int(name.rsplit("_", 1)[1]), getattr(self, name)[adapter_name])
+        for name in self.other_param_names:  # density models and thresholds stay float32 on every base
+            if name.startswith(("cmoe_locator_", "cmoe_threshold_")) and adapter_name in getattr(self, name):
+                container = getattr(self, name)
+                container[adapter_name] = nn.Parameter(container[adapter_name].float(), requires_grad=False)
 
     def set_locator(self, adapter_name: str, task: int, vector: torch.Tensor) -> None:
         """Store task `task`'s density model (a flat float32 vector, never trained by backprop)."""
         self._container("locator", task)[adapter_name] = nn.Parameter(vector.float(), requires_grad=False)
 
-    def add_locator_placeholder(self, adapter_name: str, task: int) -> None:
+    def set_threshold(self, adapter_name: str, task: int, value: float) -> None:
+        """Store the score below which an input is not task `task`'s."""
+        self._container("threshold", task)[adapter_name] = nn.Parameter(
+            torch.tensor([float(value)], device=self._device()), requires_grad=False
+        )
+
+    def add_locator_placeholder(self, adapter_name: str, task: int, rejects: bool) -> None:
         config = self.cmoe_settings[adapter_name]
-        size = locator_size(config.locator, self.in_features, config.locator_latent_size)
+        features = 2 * self.in_features + 1 if config.locator_features == "by_modality" else self.in_features
+        size = locator_size(config.locator, features, config.locator_latent_size)
         self.set_locator(adapter_name, task, torch.zeros(size, device=self._device()))
+        if rejects:
+            self.set_threshold(adapter_name, task, 0.0)
 
     def _device(self) -> torch.device:
         return next(self.base_layer.parameters()).device
 
-    def pooled_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """`(b, i)` mean of each sample's input tokens (padding excluded)."""
+    def pooled_inputs(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """`(b, f)` locator features of each sample from this layer's input `x` `(b, s, i)`: the mean of its tokens
+        (padding excluded), or for "by_modality" the mean of its text tokens, the mean of its media tokens (zeros
+        where it has none) and its share of media tokens (`f = 2i + 1`)."""
         x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
         mask = self.call_inputs.attention_mask
         if mask is None or tuple(mask.shape) != tuple(x.shape[:2]):
-            return x.mean(dim=1)
-        weights = mask.to(x.dtype).unsqueeze(-1)
-        return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+            mask = torch.ones(x.shape[:2], device=x.device)
+        weights = mask.to(x.dtype).unsqueeze(-1)  # (b, s, 1)
+        if self.cmoe_settings[adapter_name].locator_features == "mean":
+            return (x * weights).sum(1) / weights.sum(1).clamp_min(1)
+        is_text = self.modality_ids(x.shape[0] * x.shape[1], (), x.device).view(x.shape[0], x.shape[1]) == 0
+        parts = []
+        for part in (is_text, ~is_text):
+            part_weights = weights * part.unsqueeze(-1).to(x.dtype)
+            parts.append((x * part_weights).sum(1) / part_weights.sum(1).clamp_min(1))
+        # the share of media tokens: a sample without media is not at the centre of a media task's features
+        media_share = (weights * (~is_text).unsqueeze(-1).to(x.dtype)).sum(1) / weights.sum(1).clamp_min(1)
+        return torch.cat([*parts, media_share], dim=-1)
+
+    def task_locators(self, adapter_name: str) -> tuple[list[torch.Tensor], list[float | None]]:
+        """Every task's density model and rejection threshold (None: the task claims every input)."""
+        tasks = len(self.cmoe_settings[adapter_name].tasks)
+        models = [getattr(self, f"cmoe_locator_{k}")[adapter_name] for k in range(tasks)]
+        thresholds = [
+            float(getattr(self, f"cmoe_threshold_{k}")[adapter_name])
+            if adapter_name in getattr(self, f"cmoe_threshold_{k}", {})
+            else None
+            for k in range(tasks)
+        ]
+        return models, thresholds
 
     def _resolve_task_ids(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample task index `(b,)`: the previous step's in a cached generation, else explicit `task=`, else
-        (training, or a single task) the newest task, else the locator."""
-        inputs, tasks = self.call_inputs, [t["name"] for t in self.cmoe_settings[adapter_name].tasks]
+        """Per-sample task index `(b,)`, -1 for the base path: the previous step's in a cached generation, else
+        explicit `task=`, else (training) the newest task, else the locator (with a single task and no fitted
+        locator: that task)."""
+        inputs, config = self.call_inputs, self.cmoe_settings[adapter_name]
+        tasks = [t["name"] for t in config.tasks]
         batch = x.shape[0] if x.dim() > 2 else 1
         previous = self.task_selection.latest(adapter_name)
         if inputs.is_continuation and previous is not None and previous.shape[0] == batch:
@@ -148,19 +184,20 @@ class CMoELayer(LinearExpertLayer):
             if unknown or len(names) != batch:
                 raise ValueError(f"`task` must be one of {tasks} (one name, or one per sample), got {request!r}.")
             return torch.tensor([tasks.index(n) for n in names], device=x.device)
-        if self.training or len(tasks) == 1:  # the task being trained, or the only one
+        if self.training:  # the task being trained
             return torch.full((batch,), len(tasks) - 1, device=x.device)
         fitted = [k for k in range(len(tasks)) if adapter_name in getattr(self, f"cmoe_locator_{k}", {})]
         if len(fitted) != len(tasks):
+            if len(tasks) == 1:
+                return torch.zeros(batch, dtype=torch.long, device=x.device)
             missing = [tasks[k] for k in range(len(tasks)) if k not in fitted]
             raise ValueError(
                 f"No task was given and the task locator is not fitted for {missing}: pass `task=` to the model's "
                 "forward/generate, or call `model.base_model.fit_locator(task, batches)` for every task."
             )
-        config = self.cmoe_settings[adapter_name]
-        models = [getattr(self, f"cmoe_locator_{k}")[adapter_name] for k in range(len(tasks))]
-        scores = task_scores(config.locator, self.pooled_inputs(x), models, config.locator_latent_size)
-        return scores.argmax(dim=-1)
+        models, thresholds = self.task_locators(adapter_name)
+        scores = task_scores(config.locator, self.pooled_inputs(adapter_name, x), models, config.locator_latent_size)
+        return locate(scores, thresholds)
 
     def _task_ids(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """`(b,)` task of each sample for this call: resolved here on the adapter's locator layer, else read."""
@@ -197,16 +234,27 @@ class CMoELayer(LinearExpertLayer):
                 result = result + delta.to(result.dtype)
         return result
 
+    def _eligible_tokens(self, adapter: str, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """`(t,)` bool: tokens the adapter's experts act on (`restrict_to_modalities`); None means all tokens."""
+        allowed = self.cmoe_settings[adapter].restrict_to_modalities
+        if allowed is None:
+            return None
+        ids = self.modality_ids(num_tokens, allowed, device)
+        return torch.isin(ids, torch.tensor([modality_index(m) for m in allowed], device=device))
+
     def _mixture(self, adapter: str, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor | None:
         """`(..., o)`: each sample's task router mixes that task's experts; one batched pass per task present. None
-        when no task present has experts in this layer."""
+        when no token gets a delta (no task present has experts in this layer, or no token is eligible)."""
         tokens = x.reshape(-1, x.shape[-1])  # (t, i)
         per_sample = tokens.shape[0] // task_ids.shape[0]
         token_task = task_ids.repeat_interleave(per_sample)  # (t,)
+        eligible = self._eligible_tokens(adapter, tokens.shape[0], x.device)
+        if eligible is not None:
+            token_task = torch.where(eligible, token_task, -1)  # -1: no task's experts
         rank, scaling = self.cmoe_settings[adapter].r, self.cmoe_scaling[adapter]
         delta = None
         for task in torch.unique(token_task).tolist():
-            routers = getattr(self, f"cmoe_router_{task}", None)
+            routers = getattr(self, f"cmoe_router_{task}", None) if task >= 0 else None
             if routers is None or adapter not in routers:  # no expert in this layer up to this task
                 continue
             router = routers[adapter]

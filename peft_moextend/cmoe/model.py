@@ -14,7 +14,17 @@ from tqdm.auto import tqdm
 from ..tuner_utils import ExpertTuner
 from .config import CMoEConfig
 from .layer import CMoELayer, TaskSelection
-from .locator import fit_task_model, task_scores
+from .locator import fit_task_model, locate, rejection_threshold, task_scores
+
+
+def probe_extends(share: float, chance: float, threshold: float) -> bool:
+    """PGKE's rule: extend a layer when its trained probe takes more than its uniform share `chance` = 1/(e+1) of
+    the routing (e old experts + the probe) by `threshold` of the rest: `share > chance + threshold * (1 - chance)`.
+    An untrained probe sits exactly at chance (its router starts at zero), so only what the probe learned counts. A
+    layer without experts yet (chance 1) is always extended: nothing can be reused there."""
+    if chance >= 1:
+        return True
+    return share > chance + threshold * (1 - chance)
 
 
 class CMoEModel(ExpertTuner):
@@ -56,7 +66,7 @@ class CMoEModel(ExpertTuner):
         for index, task in enumerate(peft_config.tasks):  # rebuild saved tasks (loading)
             layer.add_task(adapter_name, peft_config, extend=task["layers"] is None or current_key in task["layers"])
             if is_locator and task.get("locator"):
-                layer.add_locator_placeholder(adapter_name, index)
+                layer.add_locator_placeholder(adapter_name, index, rejects=bool(task.get("rejects")))
 
     # -- tasks -------------------------------------------------------------------------------------------------
     def _adapter(self, adapter_name: str | None) -> tuple[str, CMoEConfig]:
@@ -73,24 +83,25 @@ class CMoEModel(ExpertTuner):
         self, name: str, probe_data: Iterable[dict[str, torch.Tensor]] | None = None, adapter_name: str | None = None
     ) -> dict:
         """Add task `name`. With `probe_data` (batches with labels), PGKE attaches one probe expert per layer,
-        trains the probes for `probe_steps` batches and extends only the layers whose probe's routing share exceeds
-        `probe_threshold`; without it, every layer is extended. Returns `{"extended_layers": [...],
-        "probe_shares": {layer: share}}`."""
+        trains the probes for `probe_steps` batches and extends only the layers where the probe is used more than
+        chance (see `probe_extends`); without it, every layer is extended. Returns `{"extended_layers": [...],
+        "probe_shares": {layer: share}, "chance_shares": {layer: 1 / (experts + 1)}}`."""
         adapter_name, config = self._adapter(adapter_name)
         if any(t["name"] == name for t in config.tasks):
             raise ValueError(f"Task {name!r} already exists; task names must be unique.")
         layers = {m.module_name: m for m in self._layers() if adapter_name in m.cmoe_experts}
         shares: dict[str, float] = {}
+        chance = {key: 1 / (sum(layer.cmoe_experts[adapter_name]) + 1) for key, layer in layers.items()}
         if probe_data is not None and config.probe_steps > 0:
             shares = self._probe(adapter_name, config, layers, probe_data)
-            chosen = [key for key, share in shares.items() if share > config.probe_threshold]
+            chosen = [key for key, share in shares.items() if probe_extends(share, chance[key], config.probe_threshold)]
         else:
             chosen = list(layers)
         config.tasks.append({"name": name, "layers": sorted(chosen)})
         for key, layer in layers.items():
             layer.add_task(adapter_name, config, extend=key in chosen)
         self._cast_new_stage(adapter_name)
-        return {"extended_layers": sorted(chosen), "probe_shares": shares}
+        return {"extended_layers": sorted(chosen), "probe_shares": shares, "chance_shares": chance}
 
     def _probe(self, adapter_name: str, config: CMoEConfig, layers: dict[str, CMoELayer], batches) -> dict:
         """Train one probe expert per layer as a temporary task (on a copy of the config: the adapter's own config
@@ -147,34 +158,61 @@ class CMoEModel(ExpertTuner):
 
     @torch.no_grad()
     def _pooled(self, adapter_name: str, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """`(samples, features)` pooled inputs of the locator layer (no adapter precedes it)."""
+        """`(samples, features)` locator features: the input of the adapter's first layer, which no adapter of its
+        own precedes; each forward stops as soon as that input is captured."""
         layer = self._locator_layer(adapter_name)
         pooled = []
-        hook = layer.register_forward_pre_hook(lambda m, args: pooled.append(m.pooled_inputs(args[0])))
+
+        def capture(module: CMoELayer, args: tuple) -> None:
+            pooled.append(module.pooled_inputs(adapter_name, args[0]))
+            raise _Captured
+
+        hook = layer.register_forward_pre_hook(capture)
         try:
             with self._disabled_adapters():
                 for batch in batches:
-                    self.model(**{k: v for k, v in batch.items() if k != "labels"})
+                    try:
+                        self.model(**{k: v for k, v in batch.items() if k != "labels"})
+                    except _Captured:
+                        pass
         finally:
             hook.remove()
         return torch.cat(pooled)
 
-    def fit_locator(self, task: str, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None):
-        """Fit task `task`'s density model (PTL) on `batches` of that task's inputs."""
+    def fit_locator(
+        self, task: str, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None
+    ) -> dict[str, float | None]:
+        """Fit task `task`'s density model (PTL) on `batches` of that task's inputs and, with `locator_reject`, the
+        threshold of its scores below which an input is not this task's. Returns `{"threshold": ...}`."""
         adapter_name, config = self._adapter(adapter_name)
         index = self._task_index(config, task)
-        vector = fit_task_model(
-            config.locator, self._pooled(adapter_name, batches), config.locator_latent_size, config.locator_epochs
-        )
+        pooled = self._pooled(adapter_name, batches).float().cpu()
+        vector = fit_task_model(config.locator, pooled, config.locator_latent_size, config.locator_epochs)
         layer = self._locator_layer(adapter_name)
         layer.set_locator(adapter_name, index, vector.to(layer._device()))
         config.tasks[index]["locator"] = True
+        threshold = None
+        if config.locator_reject:
+            threshold = rejection_threshold(
+                config.locator,
+                pooled,
+                config.locator_latent_size,
+                config.locator_epochs,
+                config.locator_reject_quantile,
+            )
+            layer.set_threshold(adapter_name, index, threshold)
+            config.tasks[index]["rejects"] = True
+        return {"threshold": threshold}
 
-    def locate(self, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None) -> list[str]:
-        """The task the locator picks for every sample of `batches`."""
+    def locate(self, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None) -> list[str | None]:
+        """The task the locator picks for every sample of `batches` (None: no task claims it; the base path)."""
         adapter_name, config = self._adapter(adapter_name)
         layer = self._locator_layer(adapter_name)
         names = [t["name"] for t in config.tasks]
-        models = [getattr(layer, f"cmoe_locator_{k}")[adapter_name] for k in range(len(names))]
+        models, thresholds = layer.task_locators(adapter_name)
         scores = task_scores(config.locator, self._pooled(adapter_name, batches), models, config.locator_latent_size)
-        return [names[i] for i in scores.argmax(dim=-1).tolist()]
+        return [names[i] if i >= 0 else None for i in locate(scores, thresholds).tolist()]
+
+
+class _Captured(Exception):
+    """Stops a forward once the locator features are captured."""
