@@ -25,7 +25,7 @@ data:
 		{ sudo apt-get update -qq && sudo apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; } || echo "NOTE: apt-get install failed"; \
 	else echo "NOTE: run 'sudo apt-get install $(DEBIAN_DATA)' for the full benchmark data"; fi
 
-demo: install data
+demo: install
 	$(PY) -m benchmarks.continual --quick
 
 test: install

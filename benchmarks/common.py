@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -10,16 +12,35 @@ import resource
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 
 
-def in_subprocess(target: Callable[..., dict], *args) -> dict:
+def quiet_libraries() -> None:
+    """Keep a benchmark's output to what its reader can act on: no progress bars or info logs of transformers'
+    loaders, no FutureWarnings (transformers 5 deprecations that peft and transformers trigger internally: a
+    user cannot act on them), and not bitsandbytes' note (on CPUs with AVX512-BF16) that its optional `kernels`
+    package is missing. This package's own warnings stay (it issues no FutureWarning)."""
+    import transformers
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def in_subprocess(target: Callable[..., dict], *args, quiet: bool = False) -> dict:
     """Run `target(*args)` in a fresh spawned process (so peak RSS is its own) and return its result dict; a
-    process that dies without a result gives `{"error": ..., "traceback": ""}` instead of a hang."""
+    process that dies without a result gives `{"error": ..., "traceback": ""}` instead of a hang. With `quiet`, the
+    process calls `quiet_libraries()` before it imports `target`'s module (which may load bitsandbytes)."""
     context = mp.get_context("spawn")
     results = context.Queue()
+    if quiet:
+        if target.__module__ == "__main__":
+            raise ValueError("`quiet` needs a target importable by module name, not one defined in __main__")
+        target = (target.__module__, target.__qualname__)
     process = context.Process(target=_call, args=(results, target, args), daemon=True)
     process.start()
     while True:
@@ -34,7 +55,10 @@ def in_subprocess(target: Callable[..., dict], *args) -> dict:
     return result
 
 
-def _call(queue: mp.Queue, target: Callable[..., dict], args: tuple) -> None:
+def _call(queue: mp.Queue, target: Callable[..., dict] | tuple[str, str], args: tuple) -> None:
+    if isinstance(target, tuple):  # (module, name) of a quiet process: import it only now
+        quiet_libraries()
+        target = getattr(importlib.import_module(target[0]), target[1])
     queue.put(target(*args))
 
 

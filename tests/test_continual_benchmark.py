@@ -15,7 +15,7 @@ from tiny_vlms import make_tiny_vlm, make_vlm_inputs
 from benchmarks.continual import data
 from benchmarks.continual.__main__ import finished_methods
 from benchmarks.continual.model import NUM_AUDIO_TOKENS, NUM_IMAGE_TOKENS, Vocabulary, collate, example
-from benchmarks.continual.report import summary
+from benchmarks.continual.report import markdown, plot_first_task, summary, text_change
 from benchmarks.continual.training import alignment_rows, exact_match
 
 ROOT = Path(__file__).parents[1]
@@ -132,6 +132,92 @@ def test_missing_packages_are_reported_with_install_command_and_skipped(monkeypa
     assert letters.train[0][0].shape == (28, 28) and 0.5 < letters.train[0][0].max() <= 1.0
 
 
+def test_tasks_are_chosen_by_name_in_order():
+    tasks, notes = data.load_tasks(train_size=4, test_size=2, seed=0, names=["letters", "digits"])
+    assert [t.name for t in tasks] == ["letters", "digits"] and notes == []
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['mnist'\]; the tasks are"):
+        data.load_tasks(train_size=4, test_size=2, seed=0, names=["digits", "mnist"])
+
+
+def _results(tmp_path: Path) -> dict:
+    """A results.json of two methods over two tasks, as the runner writes it."""
+    base = {"fact_accuracy": 0.5, "perplexity": 20.0, "replies": ["Paris.", "Blue.", "Seven.", "Mars."]}
+    stages = [
+        {"task": "digits", "seconds": 10.0, "trainable": 100, "extended_modules": 30, "extended_layers": [15, 16, 17]},
+        {"task": "letters", "seconds": 11.0, "trainable": 200, "extended_modules": 2, "extended_layers": [20]},
+    ]
+    methods = {
+        "sequential_lora": {
+            "label": "LoRA",
+            "accuracy": [[0.8], [0.1, 0.7]],
+            "text_probe": {"fact_accuracy": 0.25, "perplexity": 30.0, "replies": ["Paris.", "A", "B", "C"]},
+            "stages": [{k: s[k] for k in ("task", "seconds", "trainable")} for s in stages],
+            "peak_memory_mib": 1000.0,
+        },
+        "cmoe": {
+            "label": "CMoE",
+            "accuracy": [[0.8], [0.8, 0.7]],
+            "text_probe": dict(base),
+            "stages": stages,
+            "peak_memory_mib": 1000.0,
+            "locator_accuracy": {"digits": 0.99, "letters": 0.98},
+            "locator_rejected": {"digits": 0.01, "letters": 0.0},
+        },
+    }
+    for result in methods.values():
+        result["summary"] = summary(result["accuracy"])
+    return {
+        "date": "2026-11-29",
+        "machine": "test",
+        "settings": {"seed": 0, "threads": 2, "quick": True, "train_size": 4, "epochs": 1, "test_size": 2},
+        "notes": [],
+        "alignment": {"cached": True, "base_accuracy": {"digits": 0.0, "letters": 0.0}, "text_probe": base},
+        "methods": methods,
+        "total_seconds": 60.0,
+    }
+
+
+def test_report_shows_text_change_locator_rejections_and_extended_layers(tmp_path):
+    results = _results(tmp_path)
+    change = text_change(results["methods"]["sequential_lora"]["text_probe"], results["alignment"]["text_probe"])
+    assert change == pytest.approx({"identical_replies": 0.25, "fact_change": -0.25, "perplexity_change": 0.5})
+    text = markdown(results, ["digits", "letters"], {"first_task": "a.png", "accuracy": "b.png", "forgetting": "c.png"})
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith(("| LoRA", "| CMoE"))}
+    assert "| 25% | 25.0% (-25.0 pt) | 30.00 (+50.0%) |" in rows["| LoRA"]
+    assert "| 100% | 50.0% (+0.0 pt) | 20.00 (+0.0%) |" in rows["| CMoE"]
+    assert "inputs no task claimed (base path): digits 1.0%, letters 0.0%." in text
+    assert "digits 30 modules in layers 15-17; letters 2 modules in layers 20." in text
+    plot_first_task(results, ["digits", "letters"], tmp_path / "first_task.png")
+    assert (tmp_path / "first_task.png").stat().st_size > 10_000
+
+
+def output_state() -> list:
+    """What a benchmark process would print: bitsandbytes' import-time warning, transformers' progress bars, a
+    transformers-style FutureWarning, this package's warnings (run in a spawned process by the test below)."""
+    import logging
+    import warnings
+
+    import transformers
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("`x` is deprecated and will be removed in v6", FutureWarning, stacklevel=2)
+    return [
+        logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.WARNING),
+        transformers.utils.logging.is_progress_bar_enabled(),
+        len(caught),
+        logging.getLogger("peft_moextend").isEnabledFor(logging.WARNING),
+    ]
+
+
+def test_benchmark_processes_are_quiet():
+    """The alignment and method processes hide transformers' progress bars and deprecation notices and
+    bitsandbytes' missing-`kernels` note (AVX512-BF16 CPUs; quieted before the target's module is imported), and
+    keep this package's warnings."""
+    from benchmarks.common import in_subprocess
+
+    assert in_subprocess(output_state, quiet=True) == [False, False, 0, True]
+
+
 def test_spoken_digit_features():
     pytest.importorskip("espeakng_loader")
     speech = data._Espeak().say("seven", "en+m3", 160, 50)
@@ -164,7 +250,7 @@ def test_results_are_saved_after_each_method_and_resume_runs_only_the_rest(tmp_p
     monkeypatch.setattr(cli, "write_outputs", lambda results, output: None)
     calls = []
 
-    def fake_in_subprocess(target, *args):
+    def fake_in_subprocess(target, *args, quiet=False):
         if target is cli.align:
             return {
                 "cached": True,

@@ -21,16 +21,24 @@ import platform
 import time
 from pathlib import Path
 
-from ..common import in_subprocess
-from . import report
-from .data import load_tasks
-from .methods import METHODS, missing_methods
-from .runner import align, run_method
+from ..common import in_subprocess, quiet_libraries
+
+# before the imports below load bitsandbytes (the alignment and method processes are quiet too: `in_subprocess`)
+if __name__ == "__main__":
+    quiet_libraries()
+
+from . import report  # noqa: E402
+from .data import DEFAULT_TASKS, TASK_NAMES, load_tasks  # noqa: E402
+from .methods import METHODS, missing_methods  # noqa: E402
+from .runner import align, run_method  # noqa: E402
 
 PRESETS = {
     "quick": {"train_size": 64, "test_size": 30, "epochs": 2, "align_per_task": 64, "align_epochs": 2},
     "full": {"train_size": 640, "test_size": 200, "epochs": 2, "align_per_task": 400, "align_epochs": 1.5},
 }
+# the demo: three image tasks that install with the package (no apt), the story of CMoE against sequential LoRA
+QUICK_TASKS = ("digits", "animals", "letters")
+QUICK_METHODS = ("sequential_lora", "oracle_lora", "cmoe")
 
 
 def machine() -> str:
@@ -47,7 +55,15 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small subsets, a few minutes")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help=f"full: all, quick: {' '.join(QUICK_METHODS)}"
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASK_NAMES,
+        help=f"in order; full: {' '.join(DEFAULT_TASKS)}, quick: {' '.join(QUICK_TASKS)}",
+    )
     parser.add_argument("--output-dir", help="default: outputs/continual[-quick]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--from-results", type=Path, help="only rewrite the report and plots of this results.json")
@@ -68,12 +84,15 @@ def main() -> None:
     preset = PRESETS["quick" if args.quick else "full"]
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in preset.items()}
     settings |= {"seed": args.seed, "threads": args.threads, "quick": args.quick}
+    task_names = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS)
+    methods = args.methods or (QUICK_METHODS if args.quick else list(METHODS))
+    settings["tasks"] = list(task_names)
     output = Path(args.output_dir or ("outputs/continual-quick" if args.quick else "outputs/continual"))
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     print("== data")
-    tasks, notes = load_tasks(settings["train_size"], settings["test_size"], settings["seed"])
+    tasks, notes = load_tasks(settings["train_size"], settings["test_size"], settings["seed"], task_names)
     for note in notes:
         print(f"NOTE: {note}", flush=True)
     notes += [f"method {m} is not implemented in this package yet (listed, not run)." for m in missing_methods()]
@@ -86,7 +105,7 @@ def main() -> None:
     alignment_settings["tasks"] = [t.name for t in tasks]
 
     print("\n== alignment stage: towers + projectors through the frozen language model (label-free captions)")
-    alignment = in_subprocess(align, tasks, alignment_settings)
+    alignment = in_subprocess(align, tasks, alignment_settings, quiet=True)
     print(
         f"{'cached: ' if alignment['cached'] else ''}{alignment['path']}; base accuracy "
         + ", ".join(f"{t} {a:.1%}" for t, a in alignment["base_accuracy"].items())
@@ -119,9 +138,9 @@ def main() -> None:
         results["methods"], previous_seconds = finished_methods(output / "results.json", settings)
         if results["methods"]:
             print(f"\nresuming: {', '.join(results['methods'])} kept from {output / 'results.json'}", flush=True)
-    for name in [m for m in args.methods if m not in results["methods"]]:
+    for name in [m for m in methods if m not in results["methods"]]:
         print(f"\n== {name}: {METHODS[name].label}", flush=True)
-        result = in_subprocess(run_method, name, tasks, alignment_settings | {"epochs": settings["epochs"]})
+        result = in_subprocess(run_method, name, tasks, alignment_settings | {"epochs": settings["epochs"]}, quiet=True)
         if "error" in result:
             print(f"FAILED: {result['error']}\n{result['traceback']}", flush=True)
         else:
@@ -160,7 +179,8 @@ def save_results(results: dict, output: Path) -> None:
 def write_outputs(results: dict, output: Path) -> None:
     """results.json, the plots and report.md in `output`; prints the summary table."""
     task_names = [t["name"] for t in results["tasks"]]
-    images = {"accuracy": "accuracy_matrices.png", "forgetting": "forgetting.png"}
+    images = {"first_task": "first_task.png", "accuracy": "accuracy_matrices.png", "forgetting": "forgetting.png"}
+    report.plot_first_task(results, task_names, output / images["first_task"])
     report.plot_accuracy_matrices(results, task_names, output / images["accuracy"])
     report.plot_forgetting(results, task_names, output / images["forgetting"])
     if "routing" in results["methods"].get("moextend", {}):

@@ -262,18 +262,35 @@ def spoken_digits(train_size: int, test_variants: int, seed: int) -> Task:
     )
 
 
-def load_tasks(train_size: int, test_size: int, seed: int) -> tuple[list[Task], list[str]]:
-    """The task sequence digits -> animals -> fashion (or its substitute) -> spoken digits, and notes on every
-    task that was substituted or skipped (with the install command)."""
+TASK_NAMES = ("digits", "animals", "fashion", "letters", "spoken")
+DEFAULT_TASKS = ("digits", "animals", "fashion", "spoken")
+
+
+def load_tasks(
+    train_size: int, test_size: int, seed: int, names: tuple[str, ...] | list[str] = DEFAULT_TASKS
+) -> tuple[list[Task], list[str]]:
+    """The tasks `names` in order (default digits -> animals -> fashion -> spoken digits), and notes on every task
+    that was substituted or skipped (with the install command). A missing Fashion-MNIST is replaced by `letters`."""
+    loaders = {
+        "digits": sklearn_digits,
+        "animals": animal_mnist,
+        "fashion": fashion_mnist,
+        "letters": printed_letters,
+        "spoken": spoken_digits,
+    }
+    unknown = [name for name in names if name not in loaders]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(loaders)}")
     tasks, notes = [], []
-    for loader in (sklearn_digits, animal_mnist, fashion_mnist, spoken_digits):
+    for name in names:
+        loader = loaders[name]
         try:
             if loader is spoken_digits:
                 tasks.append(loader(train_size, max(1, test_size // 10), seed))
             else:
                 tasks.append(loader(train_size, test_size, seed))
         except MissingData as error:
-            if loader is fashion_mnist:
+            if loader is fashion_mnist and "letters" not in names:
                 tasks.append(printed_letters(train_size, test_size, seed))
                 notes.append(f"{error} -- using the substitute task 'letters' (Pillow-rendered letters A-J).")
             else:

@@ -35,11 +35,13 @@ class Method:
     def create(self, model: torch.nn.Module, first_task: Task, calibration_batches: list[dict]) -> PeftModel:
         raise NotImplementedError
 
-    def start_stage(self, model: PeftModel, stage: int, task: Task, probe_batches: list[dict]) -> None:
-        """Before training `task` (stage > 0 for every task but the first)."""
+    def start_stage(self, model: PeftModel, stage: int, task: Task, probe_batches: list[dict]) -> dict | None:
+        """Before training `task` (stage > 0 for every task but the first); what it returns goes in the report."""
+        return None
 
-    def end_stage(self, model: PeftModel, task: Task, batches: list[dict]) -> None:
-        """After training `task`."""
+    def end_stage(self, model: PeftModel, task: Task, batches: list[dict]) -> dict | None:
+        """After training `task`; what it returns goes in the report."""
+        return None
 
     def eval_kwargs(self, model: PeftModel, task: Task) -> dict:
         """Extra keyword arguments of the forward call when evaluating `task`."""
@@ -74,6 +76,7 @@ class OracleLoRA(Method):
         if stage > 0:
             model.add_adapter(task.name, self._config())
             model.set_adapter(task.name)
+        return None
 
     def eval_kwargs(self, model, task):
         model.set_adapter(task.name)
@@ -121,10 +124,12 @@ class CMoE(Method):
         return get_peft_model(model, CMoEConfig(r=8, experts_per_task=2, target_modules=ALL_PROJECTIONS))
 
     def start_stage(self, model, stage, task, probe_batches):
-        model.base_model.add_task(task.name, probe_data=probe_batches)
+        extension = model.base_model.add_task(task.name, probe_data=probe_batches)
+        layers = sorted({int(key.split(".layers.")[1].split(".")[0]) for key in extension["extended_layers"]})
+        return {"extended_modules": len(extension["extended_layers"]), "extended_layers": layers}
 
     def end_stage(self, model, task, batches):
-        model.base_model.fit_locator(task.name, batches)
+        return {"locator": model.base_model.fit_locator(task.name, batches)}
 
 
 class PathWeave(Method):
@@ -139,6 +144,7 @@ class PathWeave(Method):
     def start_stage(self, model, stage, task, probe_batches):
         if task.modality not in model.peft_config["default"].modalities:
             model.base_model.add_modality(task.modality)
+        return None
 
 
 class ModeX(Method):

@@ -20,6 +20,17 @@ def summary(accuracy: list[list[float]]) -> dict:
     return {"average_accuracy": float(np.mean(final)), "backward_transfer": float(np.mean(bwt)) if bwt else 0.0}
 
 
+def text_change(probe: dict, before: dict) -> dict:
+    """How the text probe moved against the model before any stage: the share of the factual questions whose
+    greedy reply is identical, the fact accuracy change and the relative perplexity change."""
+    identical = [a == b for a, b in zip(probe["replies"], before["replies"], strict=True)]
+    return {
+        "identical_replies": float(np.mean(identical)),
+        "fact_change": probe["fact_accuracy"] - before["fact_accuracy"],
+        "perplexity_change": probe["perplexity"] / before["perplexity"] - 1,
+    }
+
+
 def _fmt(value: float | None, spec: str = ".1%") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -51,6 +62,37 @@ def plot_accuracy_matrices(results: dict, tasks: list[str], path: Path) -> None:
         axis.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=7)
         axis.set_title(method, fontsize=9)
     figure.suptitle("Accuracy of task (column) after training stage (row)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_first_task(results: dict, tasks: list[str], path: Path) -> None:
+    """The five-second plot: accuracy on the first task after every stage (does a method keep what it learned
+    first?) and the text probe's identical replies at the end, one line / bar per method."""
+    methods = [m for m, r in results["methods"].items() if "accuracy" in r]
+    base_probe = results["alignment"]["text_probe"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    for method in methods:
+        result = results["methods"][method]
+        first_task = [row[0] for row in result["accuracy"]]
+        left.plot(range(len(first_task)), first_task, marker="o", label=result["label"])
+    left.axhline(0.1, color="grey", linestyle=":", label="chance (10 classes)")
+    left.set_xticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
+    left.set_ylim(0, 1)
+    left.set_ylabel(f"accuracy on {tasks[0]} (first task)")
+    left.legend(fontsize=7)
+    identical = [
+        text_change(results["methods"][m]["text_probe"], results["methods"][m].get("text_probe_before", base_probe))[
+            "identical_replies"
+        ]
+        for m in methods
+    ]
+    right.barh(range(len(methods)), identical, color="tab:green")
+    right.set_yticks(range(len(methods)), methods, fontsize=8)
+    right.set_xlim(0, 1)
+    right.set_xlabel("text questions: replies identical to base")
+    figure.suptitle("Does each method keep its first task, and leave text alone?")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -130,26 +172,34 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
         "",
         "| method | avg final acc | BWT | "
         + " | ".join(f"final {t}" for t in tasks)
-        + " | text facts (Δ) | perplexity (Δ) | trainable params (last stage) | train s / stage | peak RSS MiB |",
-        "|---" * (len(tasks) + 8) + "|",
+        + " | text replies identical | text facts (Δ) | perplexity (Δ) | trainable params (last stage)"
+        " | train s / stage | peak RSS MiB |",
+        "|---" * (len(tasks) + 9) + "|",
     ]
     for name, result in results["methods"].items():
         if "accuracy" not in result:
-            lines.append(f"| {name} | {result.get('error') or result.get('missing')} |" + " |" * (len(tasks) + 6))
+            lines.append(f"| {name} | {result.get('error') or result.get('missing')} |" + " |" * (len(tasks) + 7))
             continue
         before = result.get("text_probe_before", base_probe)
         probe = result["text_probe"]
+        change = text_change(probe, before)
         stats = result["summary"]
         stage_seconds = [s["seconds"] for s in result["stages"]]
         lines.append(
             f"| {result['label']} | {stats['average_accuracy']:.1%} | {stats['backward_transfer']:+.1%} | "
             + " | ".join(_fmt(a) for a in result["accuracy"][-1])
-            + f" | {probe['fact_accuracy']:.1%} ({probe['fact_accuracy'] - before['fact_accuracy']:+.1%})"
-            f" | {probe['perplexity']:.2f} ({probe['perplexity'] - before['perplexity']:+.2f})"
+            + f" | {change['identical_replies']:.0%}"
+            f" | {probe['fact_accuracy']:.1%} ({change['fact_change'] * 100:+.1f} pt)"
+            f" | {probe['perplexity']:.2f} ({change['perplexity_change']:+.1%})"
             f" | {result['stages'][-1]['trainable']:,}"
             f" | {' / '.join(f'{s:.0f}' for s in stage_seconds)} | {result['peak_memory_mib']:.0f} |"
         )
-    lines += ["", "BWT: mean over tasks but the last of (final accuracy - accuracy right after learning the task).", ""]
+    lines += [
+        "",
+        "BWT: mean over tasks but the last of (final accuracy - accuracy right after learning the task). Text replies "
+        "identical: the share of the factual questions whose greedy reply equals the model's before any stage.",
+        "",
+    ]
     for name, result in results["methods"].items():
         if name == "moextend" and result.get("upcycling_max_logit_difference") is not None:
             lines.append(
@@ -160,11 +210,24 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
             lines.append(
                 "CMoE task-locator accuracy on the test sets (no task id given): "
                 + ", ".join(f"{t} {a:.1%}" for t, a in result["locator_accuracy"].items())
+                + "; inputs no task claimed (base path): "
+                + ", ".join(f"{t} {a:.1%}" for t, a in result.get("locator_rejected", {}).items())
+                + "."
+            )
+        if any("extended_layers" in stage for stage in result.get("stages", [])):
+            lines.append(
+                "CMoE layers extended per task (PGKE): "
+                + "; ".join(
+                    f"{stage['task']} {stage['extended_modules']} modules in layers {_ranges(stage['extended_layers'])}"
+                    for stage in result["stages"]
+                )
                 + "."
             )
     lines += [
         "",
         "## Accuracy matrices",
+        "",
+        f"![first task and text]({images['first_task']})",
         "",
         f"![accuracy matrices]({images['accuracy']})",
         "",
@@ -187,3 +250,15 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
             lines.append(f"| {tasks[stage]} | " + " | ".join(_fmt(a) for a in row) + " |" * (len(tasks) - len(row) + 1))
         lines.append("")
     return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[15, 16, 17, 20] -> "15-17, 20"; "none" for an empty list."""
+    if not numbers:
+        return "none"
+    spans, start = [], numbers[0]
+    for previous, current in zip(numbers, [*numbers[1:], None], strict=True):
+        if current != previous + 1:
+            spans.append(f"{start}-{previous}" if previous != start else str(start))
+            start = current
+    return ", ".join(spans)

@@ -109,7 +109,7 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
     result |= {"accuracy": [], "stages": []}
     for stage, task in enumerate(tasks):
         started = time.perf_counter()
-        method.start_stage(model, stage, task, model_batches(model, train_rows[task.name], 4))
+        extension = method.start_stage(model, stage, task, model_batches(model, train_rows[task.name], 4))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         stage_report = train(
             model,
@@ -122,8 +122,9 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
             seed=settings["seed"] + stage,
             description=f"{name}: {task.name}",
         )
-        method.end_stage(model, task, model_batches(model, train_rows[task.name]))
+        fitted = method.end_stage(model, task, model_batches(model, train_rows[task.name]))
         stage_report |= {"task": task.name, "trainable": trainable, "stage_seconds": time.perf_counter() - started}
+        stage_report |= (extension or {}) | (fitted or {})
         result["stages"].append(stage_report)
         result["accuracy"].append(
             [
@@ -141,12 +142,9 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
     if method.moe:
         result["routing"] = routing_statistics(model, towers, tasks, test_rows, vocabulary)
     if name == "cmoe":
-        result["locator_accuracy"] = {
-            t.name: float(
-                np.mean([p == t.name for p in model.base_model.locate(model_batches(model, test_rows[t.name]))])
-            )
-            for t in tasks
-        }
+        located = {t.name: model.base_model.locate(model_batches(model, test_rows[t.name])) for t in tasks}
+        result["locator_accuracy"] = {task: float(np.mean([p == task for p in ps])) for task, ps in located.items()}
+        result["locator_rejected"] = {task: float(np.mean([p is None for p in ps])) for task, ps in located.items()}
     result["trainable_total"] = sum(p.numel() for n, p in model.named_parameters() if model.base_model.prefix in n)
     result["peak_memory_mib"] = peak_memory_mib()
     return result
