@@ -139,6 +139,44 @@ def test_tasks_are_chosen_by_name_in_order():
         data.load_tasks(train_size=4, test_size=2, seed=0, names=["digits", "mnist"])
 
 
+def test_parity_task_asks_another_question_about_the_digits_images():
+    (digits,), _ = data.load_tasks(train_size=8, test_size=4, seed=0, names=["digits"])
+    (parity,), _ = data.load_tasks(train_size=8, test_size=4, seed=0, names=["parity"])
+    assert parity.classes == ["even", "odd"] and parity.question != digits.question
+    from sklearn.datasets import load_digits
+
+    pool = load_digits()
+    images = data._resize(pool.images / 16.0)
+    for x, label in parity.train:
+        index = next(i for i, image in enumerate(images) if np.array_equal(image, x))
+        assert label == pool.target[index] % 2
+
+
+def test_locator_benchmark_scores_accuracy_rejection_and_text():
+    """benchmarks/cmoe_locator.py's evaluation on synthetic features: three separated task clusters and text far
+    from all of them."""
+    from benchmarks.cmoe_locator import evaluate
+
+    generator = torch.Generator().manual_seed(0)
+    centres = {"a": 0.0, "b": 4.0, "c": 8.0}
+
+    def cluster(centre: float, n: int) -> torch.Tensor:
+        return centre + torch.randn(n, 6, generator=generator) * 0.3
+
+    features = {
+        "train": {name: cluster(c, 64) for name, c in centres.items()},
+        "test": {name: cluster(c, 32) for name, c in centres.items()},
+        "text": cluster(-10.0, 16),
+    }
+    for kind in ("gaussian", "mahalanobis"):
+        result = evaluate(kind, features, latent=4, epochs=10, quantile=0.01)
+        assert result["accuracy"] == {"a": 1.0, "b": 1.0, "c": 1.0}
+        assert max(result["rejected"].values()) <= 1 / 32
+        assert result["text_claimed"] == 0.0
+    features["text"] = cluster(4.0, 16)  # text that looks like task b is claimed by it
+    assert evaluate("mahalanobis", features, latent=4, epochs=10, quantile=0.01)["text_claimed"] == 1.0
+
+
 def _results(tmp_path: Path) -> dict:
     """A results.json of two methods over two tasks, as the runner writes it."""
     base = {"fact_accuracy": 0.5, "perplexity": 20.0, "replies": ["Paris.", "Blue.", "Seven.", "Mars."]}

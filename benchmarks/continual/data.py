@@ -78,6 +78,18 @@ def sklearn_digits(train_size: int, test_size: int, seed: int) -> Task:
     )
 
 
+def digit_parity(train_size: int, test_size: int, seed: int) -> Task:
+    """The digits images asked another question (odd or even?): a task only the question's text tells apart from
+    `digits` -- the hardest case for a task locator."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = _resize(digits.images / 16.0)
+    train, test = _split(images, digits.target % 2, train_size, test_size, seed + 1)
+    question = "Is this digit odd or even?"
+    return Task("parity", "image", question, ["even", "odd"], "scikit-learn load_digits (parity)", train, test)
+
+
 def animal_mnist(train_size: int, test_size: int, seed: int) -> Task:
     spec = importlib.util.find_spec("animal_mnist")  # located, not imported: importing it pulls tensorflow
     if spec is None or spec.origin is None:
@@ -262,7 +274,7 @@ def spoken_digits(train_size: int, test_variants: int, seed: int) -> Task:
     )
 
 
-TASK_NAMES = ("digits", "animals", "fashion", "letters", "spoken")
+TASK_NAMES = ("digits", "animals", "fashion", "letters", "parity", "spoken")
 DEFAULT_TASKS = ("digits", "animals", "fashion", "spoken")
 
 
@@ -276,6 +288,7 @@ def load_tasks(
         "animals": animal_mnist,
         "fashion": fashion_mnist,
         "letters": printed_letters,
+        "parity": digit_parity,
         "spoken": spoken_digits,
     }
     unknown = [name for name in names if name not in loaders]
