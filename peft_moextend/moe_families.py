@@ -74,7 +74,9 @@ class MoEFamily:
         """The block's own experts on `(t, h)` tokens with `(t, k)` indices < e and weights; returns `(t, h)`."""
         if self.weights_scale_input:
             num_experts = self.num_experts(block)
-            scores = hidden.new_zeros(hidden.shape[0], num_experts).scatter(1, top_k_index, top_k_weights)  # (t, e)
+            # scatter_add: slots MoExtend sends to new experts arrive here as expert 0 with weight 0, and a plain
+            # scatter with that duplicate index could overwrite expert 0's real weight
+            scores = hidden.new_zeros(hidden.shape[0], num_experts).scatter_add(1, top_k_index, top_k_weights)  # (t, e)
             routed_in = hidden.repeat(num_experts, 1) * scores.transpose(0, 1).reshape(-1, 1)
             return block.experts(routed_in).reshape(num_experts, hidden.shape[0], -1).sum(dim=0)
         return block.experts(hidden, top_k_index, top_k_weights)

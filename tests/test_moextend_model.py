@@ -310,9 +310,11 @@ def test_target_layers_extend_only_those_layers():
     assert model.peft_config["default"].num_base_experts == NUM_EXPERTS
 
 
-def test_merge_is_refused_with_a_clear_error():
+def test_merge_into_existing_weights_is_refused_and_points_to_the_export():
     model = extended("mixtral")
-    with pytest.raises(ValueError, match="cannot be merged"):
+    with pytest.raises(ValueError, match=r"cannot be merged.*`merge_and_unload\(\)` instead exports"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match=r"cannot export .*calibration=True"):  # the paper's default calibration
         model.merge_and_unload()
 
 

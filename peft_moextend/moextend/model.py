@@ -19,6 +19,7 @@ from ..moe_families import (
 )
 from ..tuner_utils import ExpertTuner
 from .config import MoExtendConfig
+from .export import append_new_experts, check_exportable, update_config
 from .extension import measure_expert_usage
 from .layer import MoExtendLayer
 
@@ -36,7 +37,39 @@ class MoExtendModel(ExpertTuner):
     prefix: str = "moextend_"
     tuner_layer_cls = MoExtendLayer
     method_name = "MoExtend"
-    merge_refusal = "they add experts and router rows, which the base architecture has no room for."
+    merge_refusal = (
+        "merging into the existing weights has no room for new experts; `merge_and_unload()` instead exports the "
+        "model to the same MoE class with the new experts appended."
+    )
+
+    # -- export ------------------------------------------------------------------------------------------------
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The base model as a plain transformers MoE with the adapter's new experts appended to every MoE block
+        (expert tensors concatenated, router rows appended, the config's expert count updated): `save_pretrained`
+        writes a checkpoint that transformers loads without this package, with the adapted model's outputs.
+
+        `adapter_names`: the one adapter to export (default: the active adapter). Refused, with the option to
+        change, where the plain MoE cannot express the routing exactly (calibration, `restrict_to_modalities`, not
+        every MoE layer extended alike) or the experts are stored in 4 bits."""
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        if len(names) != 1:
+            raise ValueError(
+                f"merge_and_unload() exports one MoExtend adapter into the base MoE, but {names} were given/active; "
+                "pass `adapter_names=[name]` with the adapter to export."
+            )
+        adapter_name = names[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter {adapter_name!r}; adapters: {list(self.peft_config)}.")
+        blocks = _outermost_blocks(self.model)
+        added = check_exportable(blocks, adapter_name, self.peft_config[adapter_name])
+        layers = [block for _, block in blocks if isinstance(block, MoExtendLayer)]
+        old = layers[0].num_base_experts
+        for layer in layers:
+            append_new_experts(layer, adapter_name)
+        update_config(self.model, old, old + added)
+        return self.unload()
 
     # -- injection ---------------------------------------------------------------------------------------------
     def _moe_blocks(self, model: nn.Module) -> dict[str, tuple[int, nn.Module, MoEFamily]]:

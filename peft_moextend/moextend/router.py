@@ -30,15 +30,17 @@ def extended_routing(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route over old + new experts.
 
-    base_logits: `(t, e)`, new_logits: `(t, n)`. Top-k is chosen on the uncalibrated probabilities p (the family's
-    own scoring: softmax, or sigmoid for Llama 4); the weights are `p' = p + calibration(p)` taken at the top-k
-    indices and, for families that renormalise, divided by their sum — as in the paper's code. `calibration` is
-    the `(weight_in, weight_out)` pair of `calibration_correction`, or None.
+    base_logits: `(t, e)`, new_logits: `(t, n)`. Top-k is chosen as the family chooses it (softmax families: on the
+    uncalibrated probabilities p; Llama 4: on the logits, p being their sigmoid); the weights are
+    `p' = p + calibration(p)` taken at the top-k indices and, for families that renormalise, divided by their sum —
+    as in the paper's code. `calibration` is the `(weight_in, weight_out)` pair of `calibration_correction`, or None.
     Returns logits `(t, e+n)`, top-k indices `(t, k)` and top-k weights `(t, k)` (float32).
     """
     logits = torch.cat([base_logits, new_logits.to(base_logits.dtype)], dim=-1)  # (t, e+n)
     probs = family.probabilities(logits)  # (t, e+n), float32
-    top_k_index = torch.topk(probs, top_k, dim=-1).indices  # (t, k)
+    # rank as the family does: Llama 4 takes top-k of the raw logits (their sigmoids tie once they saturate at 1)
+    ranking = logits.float() if family.scoring == "sigmoid" else probs
+    top_k_index = torch.topk(ranking, top_k, dim=-1).indices  # (t, k)
     if calibration is not None:
         weight_in, weight_out = calibration
         probs = probs + calibration_correction(probs.to(weight_in.dtype), weight_in, weight_out).float()
