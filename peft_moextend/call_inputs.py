@@ -65,7 +65,8 @@ class CallInputs:
         self.task_request: str | list[str] | None = None
         self.is_continuation = False
         self.call_index = 0
-        self.routed_layers: list[nn.Module] = []  # the model's routed layers, found at the start of each call
+        # the model's routed layers, found at the first call after an injection (`attach` forgets them)
+        self.routed_layers: list[nn.Module] | None = None
         self.shared_towers: set[str] = set()  # names of media towers encoding several modalities, with adapters
         self._video_inputs: list[torch.Tensor] = []
         self._tower_modality: str | None = None  # what a shared tower encodes in its current call
@@ -84,6 +85,7 @@ class CallInputs:
             for module in model.modules():
                 if hasattr(module, "call_inputs"):
                     module.call_inputs = inputs
+        inputs.routed_layers = None  # an adapter is about to be injected: find the routed layers again
         return inputs
 
     @staticmethod
@@ -132,7 +134,8 @@ class CallInputs:
             self.modality_ids = None
         self.attention_mask = kwargs.get("attention_mask")
         self._video_inputs = [kwargs[k] for k in VIDEO_INPUT_KEYWORDS if isinstance(kwargs.get(k), torch.Tensor)]
-        self.routed_layers = [m for m in model.modules() if isinstance(m, RoutedLayer)]
+        if self.routed_layers is None:  # not at every decoding step: a walk over all modules costs ~5% of a step
+            self.routed_layers = [m for m in model.modules() if isinstance(m, RoutedLayer)]
         for layer in self.routed_layers:
             layer.routing_records.clear()
         return kwargs

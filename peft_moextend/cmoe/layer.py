@@ -242,27 +242,37 @@ class CMoELayer(LinearExpertLayer):
         ids = self.modality_ids(num_tokens, allowed, device)
         return torch.isin(ids, torch.tensor([modality_index(m) for m in allowed], device=device))
 
+    def _task_weights(self, adapter: str, owners: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts of tasks `owners` side by side: A `(e*r, i)`, B `(o, e*r)` (no copy for a single task)."""
+        if len(owners) == 1:
+            return getattr(self, f"cmoe_A_{owners[0]}")[adapter], getattr(self, f"cmoe_B_{owners[0]}")[adapter]
+        weight_a = torch.cat([getattr(self, f"cmoe_A_{k}")[adapter] for k in owners])
+        weight_b = torch.cat([getattr(self, f"cmoe_B_{k}")[adapter] for k in owners], dim=1)
+        return weight_a, weight_b
+
     def _mixture(self, adapter: str, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor | None:
         """`(..., o)`: each sample's task router mixes that task's experts; one batched pass per task present. None
         when no token gets a delta (no task present has experts in this layer, or no token is eligible)."""
         tokens = x.reshape(-1, x.shape[-1])  # (t, i)
-        per_sample = tokens.shape[0] // task_ids.shape[0]
-        token_task = task_ids.repeat_interleave(per_sample)  # (t,)
         eligible = self._eligible_tokens(adapter, tokens.shape[0], x.device)
-        if eligible is not None:
-            token_task = torch.where(eligible, token_task, -1)  # -1: no task's experts
+        tasks_present = torch.unique(task_ids).tolist()
+        token_task = None  # (t,), built only when the call mixes tasks or restricts tokens
+        if eligible is not None or len(tasks_present) > 1:
+            token_task = task_ids.repeat_interleave(tokens.shape[0] // task_ids.shape[0])
+            if eligible is not None:
+                token_task = torch.where(eligible, token_task, -1)  # -1: no task's experts
+            tasks_present = torch.unique(token_task).tolist()
         rank, scaling = self.cmoe_settings[adapter].r, self.cmoe_scaling[adapter]
         delta = None
-        for task in torch.unique(token_task).tolist():
+        for task in tasks_present:
             routers = getattr(self, f"cmoe_router_{task}", None) if task >= 0 else None
             if routers is None or adapter not in routers:  # no expert in this layer up to this task
                 continue
             router = routers[adapter]
             owners = [k for k in range(task + 1) if self.cmoe_experts[adapter][k]]
-            weight_a = torch.cat([getattr(self, f"cmoe_A_{k}")[adapter] for k in owners])  # (e*r, i)
-            weight_b = torch.cat([getattr(self, f"cmoe_B_{k}")[adapter] for k in owners], dim=1)  # (o, e*r)
-            rows = token_task == task
-            every_row = bool(rows.all())
+            weight_a, weight_b = self._task_weights(adapter, owners)
+            rows = None if token_task is None else token_task == task
+            every_row = rows is None or bool(rows.all())
             inputs = self._cast_input_dtype(tokens if every_row else tokens[rows], weight_a.dtype)
             gates = F.softmax(F.linear(inputs, router), dim=-1)  # (t, e)
             hidden = F.linear(inputs, weight_a).view(-1, gates.shape[-1], rank) * gates.unsqueeze(-1)

@@ -60,6 +60,10 @@ class PathWeaveLayer(LinearExpertLayer):
 
     def _stage_delta(self, adapter: str, stage: int, x: torch.Tensor) -> torch.Tensor:
         """`(t, o)` output of modality stage `stage` for its tokens `x` `(t, i)`."""
+        if not stage:  # the first stage is a plain low-rank adapter: two matmuls, nothing stacked
+            down, up = self.pathweave_down_0[adapter], self.pathweave_up_0[adapter]
+            x = self._cast_input_dtype(x, down.dtype)
+            return F.linear(F.linear(x, down), up) * self.pathweave_scale_0[adapter]
         downs = torch.stack([getattr(self, f"pathweave_down_{k}")[adapter] for k in range(stage + 1)])  # (a, r, i)
         ups = torch.stack([getattr(self, f"pathweave_up_{k}")[adapter] for k in range(stage + 1)])  # (a, o, r)
         scales = torch.cat([getattr(self, f"pathweave_scale_{k}")[adapter] for k in range(stage + 1)])  # (a,)
@@ -90,12 +94,13 @@ class PathWeaveLayer(LinearExpertLayer):
                 rows = token_modality == modality_index(modality)
                 if not bool(rows.any()):
                     continue
+                if bool(rows.all()):  # a single-modality call (every decoding step): no gather/scatter
+                    stage_delta = self._stage_delta(adapter, stage, tokens).float()
+                    delta = stage_delta if delta is None else delta + stage_delta
+                    continue
                 if delta is None:
                     delta = torch.zeros(tokens.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-                if bool(rows.all()):  # a single-modality call: no gather/scatter
-                    delta = delta + self._stage_delta(adapter, stage, tokens)
-                else:
-                    delta[rows] += self._stage_delta(adapter, stage, tokens[rows])
+                delta[rows] += self._stage_delta(adapter, stage, tokens[rows])
         if delta is None:
             return result
         return result + delta.reshape(*result.shape[:-1], -1).to(result.dtype)
