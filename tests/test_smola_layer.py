@@ -97,6 +97,10 @@ def test_group_softmax_and_top_k():
     torch.testing.assert_close(probs[:, :2].sum(-1), torch.ones(2))
     torch.testing.assert_close(probs[:, 2:].sum(-1), torch.ones(2))
     torch.testing.assert_close(probs[0, 2:], torch.softmax(logits[0, 2:], 0))
+    # contiguous groups (SMoLA's layout): one softmax per slice gives the same gates
+    torch.testing.assert_close(group_softmax(logits, groups, 2, [2, 3]), probs, rtol=0, atol=1e-7)
+    masked = logits.masked_fill(~group_top_k_mask(logits, groups, 1), float("-inf"))
+    torch.testing.assert_close(group_softmax(masked, groups, 2, [2, 3]), group_softmax(masked, groups, 2))
     mask = group_top_k_mask(logits, groups, 1)
     assert mask.tolist() == [[False, True, False, True, False], [True, False, True, False, False]]
     assert group_top_k_mask(logits, groups, 2).sum(-1).tolist() == [4, 4]

@@ -27,6 +27,8 @@ class TaskSelection:
 
     def __init__(self) -> None:
         self._chosen: dict[str, tuple[int, torch.Tensor]] = {}
+        self._present_of: torch.Tensor | None = None
+        self._present: list[int] = []
 
     def set(self, adapter_name: str, call_index: int, task_ids: torch.Tensor) -> None:
         self._chosen[adapter_name] = (call_index, task_ids)
@@ -35,6 +37,13 @@ class TaskSelection:
         """`(b,)` task indices chosen in call `call_index`, or None."""
         chosen = self._chosen.get(adapter_name)
         return chosen[1] if chosen is not None and chosen[0] == call_index else None
+
+    def tasks_in(self, task_ids: torch.Tensor) -> list[int]:
+        """The distinct task indices of `task_ids` `(b,)`; computed once per call, as every layer of the call gets
+        the same tensor."""
+        if self._present_of is not task_ids:
+            self._present_of, self._present = task_ids, torch.unique(task_ids).tolist()
+        return self._present
 
     def latest(self, adapter_name: str) -> torch.Tensor | None:
         """`(b,)` task indices of the adapter's latest call (the previous step of a cached generation)."""
@@ -255,7 +264,7 @@ class CMoELayer(LinearExpertLayer):
         when no token gets a delta (no task present has experts in this layer, or no token is eligible)."""
         tokens = x.reshape(-1, x.shape[-1])  # (t, i)
         eligible = self._eligible_tokens(adapter, tokens.shape[0], x.device)
-        tasks_present = torch.unique(task_ids).tolist()
+        tasks_present = self.task_selection.tasks_in(task_ids)
         token_task = None  # (t,), built only when the call mixes tasks or restricts tokens
         if eligible is not None or len(tasks_present) > 1:
             token_task = task_ids.repeat_interleave(tokens.shape[0] // task_ids.shape[0])

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
-from ..modality import modality_index
+from ..modality import MODALITIES, modality_index
 from ..routing import RoutedLayer, RoutingRecord
 from ..tuner_utils import LinearExpertLayer
 from .config import MULTIMODAL, SMoLAConfig
@@ -64,7 +64,9 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
             weight_a, weight_b, router = self.smola_A[adapter], self.smola_B[adapter], self.smola_router[adapter]
             inputs = self._cast_input_dtype(tokens, weight_a.dtype)
             logits = F.linear(inputs, router) / settings.temperature  # (t, e)
-            gates, dispatch = route(logits, settings.expert_group.to(x.device), settings.num_groups, settings.top_k)
+            gates, dispatch = route(
+                logits, settings.expert_group.to(x.device), settings.num_groups, settings.top_k, settings.group_sizes
+            )
             if settings.needed_modalities is not None:
                 modalities = self.modality_ids(tokens.shape[0], settings.needed_modalities, x.device)
                 eligible = settings.eligible(modalities)  # (t, e)
@@ -95,16 +97,20 @@ class _GroupSettings:
         self.temperature = config.router_temperature
         self.aux_loss_coef = config.router_aux_loss_coef if config.router == "top_k" else 0.0
         self.expert_group = torch.tensor([i for i, g in enumerate(groups) for _ in range(config.expert_groups[g])])
+        self.group_sizes = [config.expert_groups[g] for g in groups]  # the experts of a group are contiguous
         # modality id served by each expert's group; -1 = every modality ("multimodal")
         self.expert_modality = torch.tensor(
             [-1 if g == MULTIMODAL else modality_index(g) for g in groups for _ in range(config.expert_groups[g])]
         )
+        every_modality = torch.arange(len(MODALITIES))[:, None]
+        self._eligibility = (self.expert_modality[None, :] == every_modality) | (self.expert_modality[None, :] < 0)
         # non-text modalities the groups tell apart; None when every group is "multimodal" (no modality needed)
         self.needed_modalities = (
             {g for g in groups if g not in (MULTIMODAL, "text")} if any(g != MULTIMODAL for g in groups) else None
         )
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
-        """`(t, e)` bool: expert e acts on token t."""
-        expert_modality = self.expert_modality.to(modalities.device)
-        return (expert_modality[None, :] == modalities[:, None]) | (expert_modality[None, :] < 0)
+        """`(t, e)` bool: expert e acts on token t (one lookup in the `(modalities, e)` table)."""
+        if self._eligibility.device != modalities.device:
+            self._eligibility = self._eligibility.to(modalities.device)
+        return self._eligibility[modalities]

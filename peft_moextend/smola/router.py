@@ -8,12 +8,18 @@ from __future__ import annotations
 import torch
 
 
-def group_softmax(logits: torch.Tensor, expert_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+def group_softmax(
+    logits: torch.Tensor, expert_group: torch.Tensor, num_groups: int, group_sizes: list[int] | None = None
+) -> torch.Tensor:
     """Softmax over the experts of each group separately.
 
-    logits: `(t, e)`; expert_group: `(e,)` group index of every expert. Returns `(t, e)`: for every token the
-    weights of each group's experts sum to one. Entries at -inf get weight 0.
+    logits: `(t, e)`; expert_group: `(e,)` group index of every expert; `group_sizes`, when the groups are
+    contiguous (as SMoLA's config lays them out), their sizes: then one softmax per slice (fewer kernels per
+    decoding step). Returns `(t, e)`: for every token the weights of each group's experts sum to one. Entries at
+    -inf get weight 0.
     """
+    if group_sizes is not None:
+        return torch.cat([part.softmax(dim=-1) for part in logits.split(group_sizes, dim=-1)], dim=-1)
     index = expert_group.expand_as(logits)
     group_max = logits.new_full((logits.shape[0], num_groups), float("-inf")).scatter_reduce(
         1, index, logits, reduce="amax"
@@ -34,12 +40,16 @@ def group_top_k_mask(logits: torch.Tensor, expert_group: torch.Tensor, top_k: in
 
 
 def route(
-    logits: torch.Tensor, expert_group: torch.Tensor, num_groups: int, top_k: int | None
+    logits: torch.Tensor,
+    expert_group: torch.Tensor,
+    num_groups: int,
+    top_k: int | None,
+    group_sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gates `(t, e)` of a soft (top_k None) or per-group top-k router, and for top-k the `(t, e)` bool dispatch
-    mask (None for the soft router, where every token uses every expert)."""
+    mask (None for the soft router, where every token uses every expert). `group_sizes`: see `group_softmax`."""
     if top_k is None:
-        return group_softmax(logits, expert_group, num_groups), None
+        return group_softmax(logits, expert_group, num_groups, group_sizes), None
     selected = group_top_k_mask(logits, expert_group, top_k)
-    gates = group_softmax(logits.masked_fill(~selected, float("-inf")), expert_group, num_groups)
+    gates = group_softmax(logits.masked_fill(~selected, float("-inf")), expert_group, num_groups, group_sizes)
     return gates, selected
