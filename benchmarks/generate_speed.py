@@ -4,7 +4,8 @@ on the same target modules, measured in the same run (and the base model alone).
 A randomly initialised Llama (hidden 512, 4 layers; MoExtend: the Mixtral of the same size with 8 experts, top-2)
 generates `--new-tokens` tokens after a `--prompt` token prompt whose first 16 tokens are image tokens
 (`modality_ids`), at batch 1 and 8. Per-token latency is the decode time per new token,
-`(t(new_tokens) - t(1)) / (new_tokens - 1)`, the median of `--repeats` runs; the ratio is against LoRA's. Methods are
+`(t(new_tokens) - t(1)) / (new_tokens - 1)`, the median of `--repeats` runs; ours, LoRA and the base run interleaved in
+one process and the ratio is the median of the per-repeat ratios ours / LoRA. Methods are
 configured so that decoded (text) tokens take their adapter path, i.e. the full cost at every step:
 - SMoLA: 8 rank-8 experts (4 text, 4 image) on every projection; LoRA r = equal trainable parameters;
 - PathWeave: r=8 stages for text and image on every projection;
@@ -95,42 +96,53 @@ def adapted(method: str, args: argparse.Namespace):
     return model
 
 
-def run_variant(method: str, variant: str, args: argparse.Namespace) -> dict:
-    """Per-token decode latency at each batch size of `variant` ("ours", "lora" or "base") of `method`."""
+def variants(method: str, args: argparse.Namespace) -> dict:
+    """The three models compared for `method`: ours, LoRA with as many trainable parameters on the same target
+    modules, and the base alone."""
     from peft import LoraConfig, get_peft_model
 
-    torch.set_num_threads(args.threads)
+    ours = adapted(method, args)
     targets = method_config(method)[1]
-    model = build(method, args)
-    if variant == "lora":
-        reference = adapted(method, args)
-        trainable = sum(p.numel() for p in reference.parameters() if p.requires_grad)
-        per_rank = sum(
-            m.in_features + m.out_features
-            for n, m in build(method, args).named_modules()
-            if n.rsplit(".", 1)[-1] in targets
-        )
-        rank = min(max(1, round(trainable / per_rank)), args.hidden)
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
-    elif variant == "ours":
-        model = adapted(method, args)
-    model.eval()
-    result = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "per_token_s": {}}
-    for batch_size in args.batch_sizes:
-        inputs = prompt(batch_size, args)
-        if variant != "ours":
-            inputs.pop("modality_ids")
+    trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    modules = build(method, args).named_modules()
+    per_rank = sum(m.in_features + m.out_features for n, m in modules if n.rsplit(".", 1)[-1] in targets)
+    rank = min(max(1, round(trainable / per_rank)), args.hidden)
+    lora = get_peft_model(build(method, args), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    return {"ours": ours, "lora": lora, "base": build(method, args)}
 
-        def generate(new_tokens: int, inputs=inputs) -> float:
+
+def run_method(method: str, args: argparse.Namespace) -> dict:
+    """Per-token decode latency of ours / LoRA / base at each batch size, in one process with the variants
+    interleaved (so that drift in the machine's speed hits all three alike); the ratio is the median of the
+    per-repeat ratios."""
+    torch.set_num_threads(args.threads)
+    models = {name: model.eval() for name, model in variants(method, args).items()}
+    result = {
+        name: {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        for name, model in models.items()
+    }
+
+    def decode_seconds(name: str, inputs: dict) -> float:
+        if name != "ours":
+            inputs = {k: v for k, v in inputs.items() if k != "modality_ids"}
+        times = []
+        for new_tokens in (args.new_tokens, 1):
             started = time.perf_counter()
             with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            return time.perf_counter() - started
+                models[name].generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            times.append(time.perf_counter() - started)
+        return (times[0] - times[1]) / (args.new_tokens - 1)
 
-        generate(args.new_tokens)  # warm-up
-        full = statistics.median(generate(args.new_tokens) for _ in range(args.repeats))
-        first = statistics.median(generate(1) for _ in range(args.repeats))
-        result["per_token_s"][batch_size] = (full - first) / (args.new_tokens - 1)
+    for batch_size in args.batch_sizes:
+        inputs = prompt(batch_size, args)
+        for name in models:  # warm-up
+            decode_seconds(name, inputs)
+        runs = [{name: decode_seconds(name, inputs) for name in models} for _ in range(args.repeats)]
+        for name in models:
+            result[name].setdefault("per_token_s", {})[batch_size] = statistics.median(r[name] for r in runs)
+        result["ours"].setdefault("ratio_to_lora", {})[batch_size] = statistics.median(
+            r["ours"] / r["lora"] for r in runs
+        )
     return result
 
 
@@ -157,19 +169,17 @@ def main() -> None:
     print(header + " |\n" + "|---" * (2 + 2 * len(args.batch_sizes)) + "|")
     results = {}
     for method in args.methods:
-        runs = {v: in_subprocess(run_variant, method, v, args) for v in ("ours", "lora", "base")}
-        failed = {v: r["error"] for v, r in runs.items() if "error" in r}
-        if failed:
-            print(f"| {method} | failed: {failed} |")
-            results[method] = runs
+        runs = in_subprocess(run_method, method, args)
+        results[method] = runs
+        if "error" in runs:
+            print(f"| {method} | failed: {runs['error']} |", flush=True)
             continue
         cells = []
         for b in args.batch_sizes:
             ours, lora, base = (runs[v]["per_token_s"][b] * 1000 for v in ("ours", "lora", "base"))
-            cells.append(f"{ours:.2f} / {lora:.2f} / {base:.2f} | **{ours / lora:.2f}x**")
+            cells.append(f"{ours:.2f} / {lora:.2f} / {base:.2f} | **{runs['ours']['ratio_to_lora'][b]:.2f}x**")
         trainable = f"{runs['ours']['trainable']:,} / {runs['lora']['trainable']:,}"
         print(f"| {method} | {trainable} | " + " | ".join(cells) + " |", flush=True)
-        results[method] = runs
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
