@@ -37,7 +37,7 @@ from .continual.data import load_tasks  # noqa: E402
 from .continual.methods import ALL_PROJECTIONS  # noqa: E402
 from .continual.model import model_inputs  # noqa: E402
 from .continual.runner import _frozen_vlm, align, alignment_path  # noqa: E402
-from .continual.training import FACTS, batches, held_out_text, task_rows  # noqa: E402
+from .continual.training import batches, fact_prompts, held_out_windows, task_rows  # noqa: E402
 
 LOCATORS = ("vae", "gaussian", "mahalanobis")
 FEATURES = ("mean", "by_modality")
@@ -46,22 +46,14 @@ FEATURES = ("mean", "by_modality")
 def text_batches(vocabulary) -> list[dict]:
     """Text-only inputs: the 32 factual questions as chat prompts (one batch, right-padded) and the held-out
     English text in 256-token windows (batches of 8)."""
-    tokenizer = vocabulary.tokenizer
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-        for q, _ in FACTS
-    ]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    result = [{"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}]
-    ids = torch.tensor(vocabulary.encode(held_out_text()))
-    windows = ids[: len(ids) // 256 * 256].view(-1, 256)
-    result += [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(8)]
+    result = [fact_prompts(vocabulary)]
+    result += [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in held_out_windows(vocabulary).split(8)]
     for batch in result:
         batch["modality_ids"] = torch.zeros_like(batch["input_ids"])
     return result
 
 
-def pooled_features(features: str, tasks, path, seed: int) -> dict:
+def pooled_features(features: str, tasks, path) -> dict:
     """`{"train": {task: (n, f)}, "test": {task: (n, f)}, "text": (n, f)}`: the locator features of every input."""
     vlm, towers, vocabulary, _ = _frozen_vlm(0, path)
     model = get_peft_model(vlm, CMoEConfig(r=8, target_modules=ALL_PROJECTIONS, locator_features=features))
@@ -95,8 +87,6 @@ def evaluate(kind: str, features: dict, latent: int, epochs: int, quantile: floa
         result["rejected"][name] = float((picks == -1).float().mean())
     text_picks = locate(task_scores(kind, features["text"], models, latent), thresholds)
     result["text_claimed"] = float((text_picks >= 0).float().mean())
-    without_rejection = task_scores(kind, features["test"][names[0]], models, latent).argmax(-1)
-    result["accuracy_without_rejection_first_task"] = float((without_rejection == 0).float().mean())
     return result
 
 
@@ -120,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {"settings": settings | {"test_size": args.test_size, "quantile": args.quantile}, "options": {}}
     for features_option in FEATURES:
         started = time.perf_counter()
-        features = pooled_features(features_option, tasks, alignment_path(settings), args.seed)
+        features = pooled_features(features_option, tasks, alignment_path(settings))
         print(f"features {features_option}: {time.perf_counter() - started:.0f} s", flush=True)
         for kind in LOCATORS:
             result = evaluate(kind, features, defaults.locator_latent_size, defaults.locator_epochs, args.quantile)

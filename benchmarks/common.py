@@ -87,21 +87,36 @@ def measure_steps(model: torch.nn.Module, batch: dict, steps: int, train: bool =
     }
 
 
+def _decoder_dimensions(hidden: int, layers: int, vocab: int, max_positions: int) -> dict:
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": max_positions,
+    }
+
+
 def build_llama(hidden: int, layers: int, seq: int, vocab: int):
     """A randomly initialised Llama of the given size (seeded), sdpa attention, float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=seq,
-    )
+    config = LlamaConfig(**_decoder_dimensions(hidden, layers, vocab, seq))
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def build_mixtral(hidden: int, layers: int, seq: int, vocab: int):
+    """The Mixtral counterpart of `build_llama`: the same dimensions, 8 experts of width 2 * hidden, top-2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        **_decoder_dimensions(hidden, layers, vocab, seq), num_local_experts=8, num_experts_per_tok=2
+    )
+    return MixtralForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def add_size_arguments(parser: argparse.ArgumentParser) -> None:

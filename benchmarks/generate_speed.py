@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from common import build_llama, in_subprocess, quiet_libraries
+from common import build_llama, build_mixtral, in_subprocess, quiet_libraries
 
 if __name__ in ("__main__", "__mp_main__"):  # this script and its spawned variant processes
     quiet_libraries()
@@ -34,25 +34,6 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHODS = ("smola", "pathweave", "cmoe", "modex", "moextend")
 IMAGE_TOKENS = 16
-
-
-def build_mixtral(hidden: int, layers: int, vocab: int):
-    """The Mixtral counterpart of `build_llama`: 8 experts of width 2 * hidden, top-2."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-    )
-    return MixtralForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def method_config(method: str):
@@ -72,9 +53,7 @@ def method_config(method: str):
 
 
 def build(method: str, args: argparse.Namespace):
-    if method == "moextend":
-        return build_mixtral(args.hidden, args.layers, args.vocab)
-    return build_llama(args.hidden, args.layers, 512, args.vocab)
+    return (build_mixtral if method == "moextend" else build_llama)(args.hidden, args.layers, 512, args.vocab)
 
 
 def prompt(batch_size: int, args: argparse.Namespace) -> dict:
@@ -101,14 +80,13 @@ def variants(method: str, args: argparse.Namespace) -> dict:
     modules, and the base alone."""
     from peft import LoraConfig, get_peft_model
 
-    ours = adapted(method, args)
+    ours, base = adapted(method, args), build(method, args)
     targets = method_config(method)[1]
     trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    modules = build(method, args).named_modules()
-    per_rank = sum(m.in_features + m.out_features for n, m in modules if n.rsplit(".", 1)[-1] in targets)
+    per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in targets)
     rank = min(max(1, round(trainable / per_rank)), args.hidden)
     lora = get_peft_model(build(method, args), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
-    return {"ours": ours, "lora": lora, "base": build(method, args)}
+    return {"ours": ours, "lora": lora, "base": base}
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:

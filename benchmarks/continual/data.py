@@ -274,7 +274,15 @@ def spoken_digits(train_size: int, test_variants: int, seed: int) -> Task:
     )
 
 
-TASK_NAMES = ("digits", "animals", "fashion", "letters", "parity", "spoken")
+TASK_LOADERS = {
+    "digits": sklearn_digits,
+    "animals": animal_mnist,
+    "fashion": fashion_mnist,
+    "letters": printed_letters,
+    "parity": digit_parity,
+    "spoken": spoken_digits,
+}
+TASK_NAMES = tuple(TASK_LOADERS)
 DEFAULT_TASKS = ("digits", "animals", "fashion", "spoken")
 
 
@@ -283,20 +291,12 @@ def load_tasks(
 ) -> tuple[list[Task], list[str]]:
     """The tasks `names` in order (default digits -> animals -> fashion -> spoken digits), and notes on every task
     that was substituted or skipped (with the install command). A missing Fashion-MNIST is replaced by `letters`."""
-    loaders = {
-        "digits": sklearn_digits,
-        "animals": animal_mnist,
-        "fashion": fashion_mnist,
-        "letters": printed_letters,
-        "parity": digit_parity,
-        "spoken": spoken_digits,
-    }
-    unknown = [name for name in names if name not in loaders]
+    unknown = [name for name in names if name not in TASK_LOADERS]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(loaders)}")
+        raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(TASK_LOADERS)}")
     tasks, notes = [], []
     for name in names:
-        loader = loaders[name]
+        loader = TASK_LOADERS[name]
         try:
             if loader is spoken_digits:
                 tasks.append(loader(train_size, max(1, test_size // 10), seed))

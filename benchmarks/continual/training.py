@@ -181,37 +181,49 @@ def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((targets == -100) | (predicted == targets)).all(dim=1)
 
 
+def fact_prompts(vocabulary: Vocabulary) -> dict[str, torch.Tensor]:
+    """The factual questions as chat prompts: `input_ids` / `attention_mask` `(32, s)`, padded on the tokenizer's
+    current padding side."""
+    tokenizer = vocabulary.tokenizer
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q, _ in FACTS
+    ]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+
+
+def held_out_windows(vocabulary: Vocabulary, length: int = 256) -> torch.Tensor:
+    """`held_out_text()` as `(n, length)` token windows."""
+    ids = torch.tensor(vocabulary.encode(held_out_text()))
+    return ids[: len(ids) // length * length].view(-1, length)
+
+
 @torch.no_grad()
 def text_probe(model: torch.nn.Module, vocabulary: Vocabulary, call_kwargs: dict | None = None) -> dict:
     """Factual-question accuracy (greedy generation) and perplexity of `held_out_text()` (256-token windows)."""
     tokenizer = vocabulary.tokenizer
     model.eval()
     tokenizer.padding_side = "left"
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-        for q, _ in FACTS
-    ]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = fact_prompts(vocabulary)
     text_only = (
         (lambda ids: {"modality_ids": torch.zeros_like(ids)}) if accepts_modality_ids(model) else (lambda ids: {})
     )
     generated = model.generate(
-        input_ids=encoded.input_ids,
-        attention_mask=encoded.attention_mask,
-        **text_only(encoded.input_ids),
+        **encoded,
+        **text_only(encoded["input_ids"]),
         max_new_tokens=12,
         do_sample=False,
         pad_token_id=vocabulary.pad_id,
         **(call_kwargs or {}),
     )
     tokenizer.padding_side = "right"
-    replies = tokenizer.batch_decode(generated[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
+    replies = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
     hits = [
         answer in reply.lower().replace(".", " ").split() or (" " in answer and answer in reply.lower())
         for (_, answer), reply in zip(FACTS, replies, strict=True)
     ]
-    ids = torch.tensor(vocabulary.encode(held_out_text()))
-    windows = ids[: len(ids) // 256 * 256].view(-1, 256)
+    windows = held_out_windows(vocabulary)
     total, count = 0.0, 0
     for start in range(0, len(windows), 8):
         chunk = windows[start : start + 8]

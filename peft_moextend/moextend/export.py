@@ -67,7 +67,7 @@ def check_exportable(blocks: list[tuple[str, nn.Module]], adapter_name: str, con
                 name=adapter_name,
                 why="a plain MoE config has one expert count for every MoE layer, "
                 f"but this adapter adds {sorted(set(counts.values()))} experts to different layers "
-                f"({ {k: v for k, v in counts.items()} }). Extend every MoE layer (`target_layers=None`) to export.",
+                f"({counts}). Extend every MoE layer (`target_layers=None`) to export.",
             )
         )
     return next(iter(counts.values()))
