@@ -36,8 +36,9 @@ def test_new_modality_keeps_earlier_outputs_and_text_exactly():
     layers = [m for m in peft_model.modules() if isinstance(m, PathWeaveLayer)]
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("_1." in n for n in trainable)  # only stage 1: adapter, in-adapters, gate
-    # per layer: down (r, in) + up (out, r) + scale + one in-adapter (r, r) + a gate over 2 adapters (2, in)
-    expected = sum(4 * m.in_features + m.out_features * 4 + 1 + 4 * 4 + 2 * m.in_features for m in layers)
+    # per layer: down (r, in) + up (out, r) + scale + one in-adapter (r, r) + a gate over 2 adapters (2, in) and its
+    # noise matrix (2, in)
+    expected = sum(4 * m.in_features + m.out_features * 4 + 1 + 4 * 4 + 2 * 2 * m.in_features for m in layers)
     assert report["trainable"] == expected
     assert 0 < report["fraction_of_base"] < 0.2
 

@@ -5,6 +5,8 @@ Einstein notation: t - tokens, i - in features, o - out features, r - rank, a - 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,27 +16,41 @@ from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
 from ..tuner_utils import LinearExpertLayer, stage_container
 from .config import PathWeaveConfig
+from .gate import noisy_top_k_gates
 
-_KINDS = ("down", "up", "scale", "inadapter", "gate")
+_KINDS = ("down", "up", "scale", "inadapter", "inadapter_bias", "gate", "noise")
+
+
+class StageOptions(NamedTuple):
+    """An adapter's gate and in-adapter settings (see `PathWeaveConfig`)."""
+
+    noisy_gate: bool
+    gate_top_k: int | None
+    in_adapter_form: str
 
 
 class PathWeaveLayer(LinearExpertLayer):
     """A linear `base_layer` plus, per adapter and modality stage k (the k-th modality added):
 
     `pathweave_down_k` `(r, i)`, `pathweave_up_k` `(o, r)` (zero), `pathweave_scale_k` `(1,)` (one) — the uni-modal
-    adapter; for k > 0 also `pathweave_inadapter_k` `(k, r, r)` (zero) — the in-adapters of the k older adapters for
-    this modality — and `pathweave_gate_k` `(k+1, i)` (zero) — the gate over all k+1 adapters. Tokens of modality k
-    get `sum_j g_j * s_j * up_j(h_j + h_j W_kj^T)` with `h_j = down_j x`; text tokens get nothing.
+    adapter; for k > 0 also `pathweave_inadapter_k` `(k, r, r)` — the in-adapters of the k older adapters for this
+    modality (zero in the residual form; `pathweave_inadapter_bias_k` `(k, r)` too in the replace form) —,
+    `pathweave_gate_k` `(k+1, i)` (zero) — the gate over all k+1 adapters — and, with the noisy gate,
+    `pathweave_noise_k` `(k+1, i)` (zero). Tokens of modality k get `sum_j g_j * s_j * up_j(m_kj(h_j))` with
+    `h_j = down_j x`, `m_kj(h) = h + W_kj h` (residual) or `W_kj h + b_kj` (replace) for j < k, `m_kk(h) = h`;
+    text tokens get nothing.
     """
 
     method_name = "PathWeave"
 
     def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
         super().__init__(base_layer, module_name, call_inputs)
+        self.train(base_layer.training)  # a model wrapped in eval mode keeps its deterministic (noise-free) gate
         self.adapter_layer_names: tuple[str, ...] = ()
-        self.other_param_names: tuple[str, ...] = ("pathweave_modalities",)
+        self.other_param_names: tuple[str, ...] = ("pathweave_modalities", "pathweave_options")
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.pathweave_modalities: dict[str, list[str]] = {}
+        self.pathweave_options: dict[str, StageOptions] = {}
 
     def _container(self, kind: str, stage: int) -> nn.ParameterDict:
         return stage_container(self, f"pathweave_{kind}_{stage}")
@@ -42,15 +58,24 @@ class PathWeaveLayer(LinearExpertLayer):
     def add_modality(self, adapter_name: str, modality: str, config: PathWeaveConfig) -> None:
         """Stage k = the next modality: freeze stages < k, add its adapter, in-adapters and gate."""
         modalities = self.pathweave_modalities.setdefault(adapter_name, [])
-        stage = len(modalities)
-        self._container("down", stage)[adapter_name] = nn.Parameter(
-            kaiming_uniform_experts(1, config.r, self.in_features)
+        self.pathweave_options[adapter_name] = StageOptions(
+            config.noisy_gate, config.gate_top_k, config.in_adapter_form
         )
-        self._container("up", stage)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, config.r))
+        stage, r = len(modalities), config.r
+        self._container("down", stage)[adapter_name] = nn.Parameter(kaiming_uniform_experts(1, r, self.in_features))
+        self._container("up", stage)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
         self._container("scale", stage)[adapter_name] = nn.Parameter(torch.ones(1))
         if stage:
-            self._container("inadapter", stage)[adapter_name] = nn.Parameter(torch.zeros(stage, config.r, config.r))
+            if config.in_adapter_form == "replace":  # nn.Linear(r, r)'s default init, one per older adapter
+                weight = kaiming_uniform_experts(stage, r, r).reshape(stage, r, r)
+                bias = torch.empty(stage, r).uniform_(-(r**-0.5), r**-0.5)
+                self._container("inadapter_bias", stage)[adapter_name] = nn.Parameter(bias)
+            else:
+                weight = torch.zeros(stage, r, r)
+            self._container("inadapter", stage)[adapter_name] = nn.Parameter(weight)
             self._container("gate", stage)[adapter_name] = nn.Parameter(torch.zeros(stage + 1, self.in_features))
+            if config.noisy_gate:
+                self._container("noise", stage)[adapter_name] = nn.Parameter(torch.zeros(stage + 1, self.in_features))
         modalities.append(modality)
         self.place_adapter(adapter_name)
         self.frozen_peft_weight_names[adapter_name] = tuple(
@@ -64,19 +89,24 @@ class PathWeaveLayer(LinearExpertLayer):
             down, up = self.pathweave_down_0[adapter], self.pathweave_up_0[adapter]
             x = self._cast_input_dtype(x, down.dtype)
             return F.linear(F.linear(x, down), up) * self.pathweave_scale_0[adapter]
+        options = self.pathweave_options[adapter]
         downs = torch.stack([getattr(self, f"pathweave_down_{k}")[adapter] for k in range(stage + 1)])  # (a, r, i)
         ups = torch.stack([getattr(self, f"pathweave_up_{k}")[adapter] for k in range(stage + 1)])  # (a, o, r)
         scales = torch.cat([getattr(self, f"pathweave_scale_{k}")[adapter] for k in range(stage + 1)])  # (a,)
         x = self._cast_input_dtype(x, downs.dtype)
         hidden = torch.einsum("ti,ari->tar", x, downs)  # (t, a, r)
-        if stage:
-            inadapters = getattr(self, f"pathweave_inadapter_{stage}")[adapter]  # (a-1, r, r)
-            old = hidden[:, :stage]
-            hidden = torch.cat([old + torch.einsum("tar,aqr->taq", old, inadapters), hidden[:, stage:]], dim=1)
+        inadapters = getattr(self, f"pathweave_inadapter_{stage}")[adapter]  # (a-1, r, r)
+        old = hidden[:, :stage]
+        mapped = torch.einsum("tar,aqr->taq", old, inadapters)
+        if options.in_adapter_form == "replace":
+            mapped = mapped + getattr(self, f"pathweave_inadapter_bias_{stage}")[adapter]
+        else:
+            mapped = old + mapped
+        hidden = torch.cat([mapped, hidden[:, stage:]], dim=1)
         out = torch.einsum("tar,aor->tao", hidden, ups) * scales[None, :, None]  # (t, a, o)
-        if not stage:
-            return out[:, 0]
-        gates = torch.softmax(F.linear(x, getattr(self, f"pathweave_gate_{stage}")[adapter]), dim=-1)  # (t, a)
+        noise = getattr(self, f"pathweave_noise_{stage}")[adapter] if options.noisy_gate else None
+        gate = getattr(self, f"pathweave_gate_{stage}")[adapter]
+        gates = noisy_top_k_gates(x, gate, noise, options.gate_top_k, self.training)  # (t, a)
         return (gates.unsqueeze(-1) * out).sum(1)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import torch
+from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 from torch import nn
 
 from ..modality import validate_modalities
@@ -41,6 +44,29 @@ class PathWeaveModel(ExpertTuner):
             self._install_layer(parent, target_name, target, layer, adapter_name)
         for modality in peft_config.modalities:
             layer.add_modality(adapter_name, modality, peft_config)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """An adapter saved before the noisy gate existed has no `pathweave_noise_k`: with `noisy_gate` (the
+        default) it loads with `W_noise = 0`, the noise matrices' initial value, so eval outputs are unchanged."""
+        if config.noisy_gate and not any(".pathweave_noise_" in key for key in state_dict):
+            prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+            expected = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+            zeros = {
+                cls._remove_adapter_name_from_key(key, adapter_name): torch.zeros(value.shape, dtype=value.dtype)
+                for key, value in expected.items()
+                if ".pathweave_noise_" in key
+            }
+            if zeros:
+                warnings.warn(
+                    f"The PathWeave adapter {adapter_name!r} was saved without the noisy gate's noise matrices "
+                    "(before `noisy_gate` existed): they start at zero, their initial value, so eval outputs are "
+                    "unchanged; training from here adds the gate noise. Set `noisy_gate: false` in its "
+                    "adapter_config.json to keep training with the plain softmax gate.",
+                    stacklevel=2,
+                )
+                state_dict = {**state_dict, **zeros}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def add_modality(self, modality: str, adapter_name: str | None = None) -> dict:
         """Add the next modality stage; returns `{"trainable": n, "fraction_of_base": f}` for the new stage."""
