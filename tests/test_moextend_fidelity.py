@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from tiny_models import make_inputs, make_tiny_moe
 
 from peft_moextend import MoExtendConfig, measure_expert_usage, tune_routers_and_plan
-from peft_moextend.moe_families import find_moe_blocks
+from peft_moextend.moe_families import family_of, find_moe_blocks
 from peft_moextend.moextend import MoExtendLayer
 
 NUM_EXPERTS = 4
@@ -167,19 +167,20 @@ def test_keep_tuned_routers_keeps_exactly_the_tuned_routers():
 # -- 4. the load-balancing loss over all MoE layers -----------------------------------------------------------------
 def hand_aux_loss(peft_model, batch: dict, layers: list[int]) -> tuple[object, torch.Tensor]:
     """The model's outputs on `batch`, and the Switch loss `E' * sum_e f_e P_e` averaged over `layers`, from the
-    routers' inputs captured by hooks: base logits, plus the new router rows' logits where the layer is extended
-    (E' = its expert count)."""
+    routers' inputs and logits captured by hooks: base logits, plus the new router rows' logits where the layer is
+    extended (E' = its expert count); P from the softmax of the logits, f from their top-k."""
     inputs, logits = {}, {}
     base = peft_model.get_base_model()
     blocks = {i: block for i, (_, block) in enumerate(find_moe_blocks(base))}
+    families = {i: family_of(block) for i, block in blocks.items()}
 
     def capture(i):
         def hook(module, args, out):
-            inputs[i], logits[i] = args[0], out[0]
+            inputs[i], logits[i] = args[0], out[1] if families[i].scoring == "sigmoid" else out[0]
 
         return hook
 
-    handles = [block.gate.register_forward_hook(capture(i)) for i, block in blocks.items()]
+    handles = [families[i].router(block).register_forward_hook(capture(i)) for i, block in blocks.items()]
     outputs = peft_model(**batch)
     for handle in handles:
         handle.remove()
@@ -191,22 +192,26 @@ def hand_aux_loss(peft_model, batch: dict, layers: list[int]) -> tuple[object, t
             new_rows = wrapped[i].moextend_router["default"]
             layer_logits = torch.cat([layer_logits, inputs[i] @ new_rows.T], dim=-1)
         probs = layer_logits.float().softmax(-1)
-        dispatched = F.one_hot(probs.topk(2).indices, probs.shape[-1]).sum(1).float()
+        top_k = layer_logits.float().topk(families[i].top_k(blocks[i])).indices
+        dispatched = F.one_hot(top_k, probs.shape[-1]).sum(1).float()
         losses.append(probs.shape[-1] * (dispatched.mean(0) * probs.mean(0)).sum())
     return outputs, torch.stack(losses).mean()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "llama4"])
 @pytest.mark.parametrize("aux_layers", ["extended", "all"])
-def test_aux_loss_averages_over_the_chosen_moe_layers(aux_layers):
-    model = make_tiny_moe("mixtral")
-    batch = make_inputs(model, "mixtral")
+def test_aux_loss_averages_over_the_chosen_moe_layers(family, aux_layers):
+    model = make_tiny_moe(family)
+    batch = make_inputs(model, family)
     config = MoExtendConfig(target_layers=[1], router_aux_loss_coef=0.5, router_aux_loss_layers=aux_layers)
     peft_model = get_peft_model(model, config)
     perturb_adapter(peft_model, "moextend_", scale=0.3)
     outputs, expected = hand_aux_loss(peft_model, batch, [0, 1] if aux_layers == "all" else [1])
     torch.testing.assert_close(outputs.router_aux_loss, expected)
-    lm_loss = F.cross_entropy(outputs.logits[:, :-1].reshape(-1, 128), batch["input_ids"][:, 1:].reshape(-1))
-    torch.testing.assert_close(outputs.loss, lm_loss + 0.5 * expected)
+    peft_model.peft_config["default"].router_aux_loss_coef = 0.0
+    for layer in moe_layers(peft_model):
+        layer.moextend_aux_loss_coef["default"] = 0.0
+    torch.testing.assert_close(outputs.loss, peft_model(**batch).loss + 0.5 * expected)
 
 
 def test_aux_loss_over_all_layers_changes_no_output_adds_no_tensor_and_reloads(tmp_path):

@@ -161,7 +161,7 @@ class MoExtendConfig(ExpertConfig):
                     "expert 0 until `init_new_experts_from_data(batches)` measures each layer's most used expert. "
                     f"Write `expert_init={renamed!r}`.",
                     FutureWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 return renamed
             if value not in EXPERT_INIT_MODES:

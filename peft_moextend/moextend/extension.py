@@ -3,7 +3,9 @@
 The paper briefly tunes only the original routers on new-domain data, measures each MoE layer's expert-usage
 distribution before and after, and extends the layers whose usage changed most (standard deviation of the change
 across experts; half of the layers in the paper). Each new expert is initialised from the layer's most used expert
-after tuning. (The public code takes `argsort(...)[..., :2]`, i.e. the *least* used experts; we use top-k.)
+after tuning. (The public code takes `argsort(...)[..., :2]`, i.e. the *least* used experts; we use top-k.) Usage
+is counted on the tokens the new experts will serve (`restrict_to_modalities`). The public code fine-tunes from the
+router-tuned model; `tune_routers_and_plan` restores the routers unless `keep_tuned_routers=True`.
 """
 
 from __future__ import annotations
