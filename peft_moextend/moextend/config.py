@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -9,7 +10,10 @@ from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
 from ..registration import MoExtendPeftType
 
-EXPERT_INIT_MODES = ("most_used", "zeros")
+EXPERT_INIT_MODES = ("expert_0_until_measured", "zeros")
+DEPRECATED_EXPERT_INIT_MODES = {"most_used": "expert_0_until_measured"}
+"""Old `expert_init` values still accepted (adapters saved by earlier versions) -> the value they always meant."""
+AUX_LOSS_LAYERS = ("extended", "all")
 
 
 @strict_options
@@ -31,16 +35,24 @@ class MoExtendConfig(ExpertConfig):
             parameters per new expert instead of `3 h i`.
         target_layers: Decoder-layer indices whose MoE block is extended; None extends every MoE layer. Use
             `peft_moextend.moextend.plan_extension` to choose them by expert-usage shift (the paper's stage 2).
-        expert_init: How new experts (and their router rows) are initialised: "most_used" copies the layer's most
-            used expert (expert 0 until `MoExtendModel.init_new_experts_from_data` measured usage), an int copies that
-            expert in every layer, a dict `{layer_index: expert_index}` picks per layer, "zeros" copies the most used
-            expert's router row and gate/up projection but zeroes the down projection (new experts output zero at
-            start, gradients still flow).
+        expert_init: Which expert the new experts (and their router rows) copy. "expert_0_until_measured" (default)
+            copies expert 0 of every layer when the adapter is created (a log line says so) until
+            `MoExtendModel.init_new_experts_from_data(batches)` measures usage on your data and re-copies each layer's
+            most used expert (the paper's choice), recording `{layer_index: expert_index}` here. An int copies that
+            expert in every layer, a dict `{layer_index: expert_index}` picks per layer (e.g. `ExtensionPlan.
+            source_experts`). "zeros" copies the router row and gate/up projection of the same expert as
+            "expert_0_until_measured" but zeroes the down projection (new experts output zero at start, gradients
+            still flow). The old name "most_used" is accepted and means "expert_0_until_measured" (deprecated).
         calibration: Add the per-layer calibration MLP `Linear(E+k, 16) -> GELU -> Linear(16, E+k)` (last layer
             zero-initialised, so it starts as the identity on the routing weights).
         calibration_hidden_size: Hidden width of the calibration MLP (16 in the paper).
         router_aux_loss_coef: Coefficient of the load-balancing loss over old + new experts added to `outputs.loss`
             when labels are given (1e-3 in the paper; 0 disables it).
+        router_aux_loss_layers: Which MoE layers the load-balancing loss averages over. "extended" (default): the
+            layers this adapter extends. "all": every MoE layer, as the paper's code does; layers that are not
+            extended contribute the base router's loss over their `E` experts (their routing is the base's, they
+            hold nothing trainable; the loss reaches the new experts through the hidden states). Differs from
+            "extended" only when `target_layers` leaves some MoE layer unextended.
         restrict_to_modalities: If set (e.g. `["image"]`), new experts are eligible only for tokens of these
             modalities (from the model's placeholder tokens or an explicit `modality_ids`); all other tokens take the
             base model's computation, so text-only inputs give exactly the base model's outputs.
@@ -62,13 +74,20 @@ class MoExtendConfig(ExpertConfig):
         default=None, metadata={"help": "Decoder-layer indices whose MoE block is extended; None = every MoE layer."}
     )
     expert_init: str | int | dict[int, int] = field(
-        default="most_used",
-        metadata={"help": "'most_used', 'zeros', an expert index, or {layer_index: expert_index}."},
+        default="expert_0_until_measured",
+        metadata={
+            "help": "'expert_0_until_measured' (init_new_experts_from_data copies the most used), 'zeros', an "
+            "expert index, or {layer_index: expert_index}."
+        },
     )
     calibration: bool = field(default=True, metadata={"help": "Add the per-layer calibration MLP of the paper."})
     calibration_hidden_size: int = field(default=16, metadata={"help": "Hidden width of the calibration MLP."})
     router_aux_loss_coef: float = field(
         default=1e-3, metadata={"help": "Load-balancing loss coefficient over old + new experts (0 disables)."}
+    )
+    router_aux_loss_layers: str = field(
+        default="extended",
+        metadata={"help": "MoE layers the load-balancing loss averages over: 'extended' or 'all' (the paper's code)."},
     )
     restrict_to_modalities: list[str] | None = field(
         default=None, metadata={"help": "Modalities whose tokens may use the new experts; None = all tokens."}
@@ -116,6 +135,10 @@ class MoExtendConfig(ExpertConfig):
             raise ValueError(f"`calibration_hidden_size` must be >= 1, got {self.calibration_hidden_size}.")
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+        if self.router_aux_loss_layers not in AUX_LOSS_LAYERS:
+            raise ValueError(
+                f"`router_aux_loss_layers` must be one of {AUX_LOSS_LAYERS}, got {self.router_aux_loss_layers!r}."
+            )
         if self.restrict_to_modalities is not None:
             modalities = validate_modalities(self.restrict_to_modalities, "restrict_to_modalities")
             if not modalities:
@@ -131,6 +154,16 @@ class MoExtendConfig(ExpertConfig):
                 raise ValueError(f"`expert_init` as an expert index must be >= 0, got {value}.")
             return value
         if isinstance(value, str):
+            if value in DEPRECATED_EXPERT_INIT_MODES:
+                renamed = DEPRECATED_EXPERT_INIT_MODES[value]
+                warnings.warn(
+                    f"`expert_init={value!r}` is deprecated and means `expert_init={renamed!r}`: new experts copy "
+                    "expert 0 until `init_new_experts_from_data(batches)` measures each layer's most used expert. "
+                    f"Write `expert_init={renamed!r}`.",
+                    FutureWarning,
+                    stacklevel=5,
+                )
+                return renamed
             if value not in EXPERT_INIT_MODES:
                 raise ValueError(
                     f"`expert_init` must be one of {EXPERT_INIT_MODES}, an expert index or a "

@@ -20,6 +20,10 @@ from ..routing import RoutedLayer, RoutingRecord, dispatch_mask_from_top_k
 from .config import MoExtendConfig
 from .router import extended_routing
 
+ROUTER_JITTER_ATTRIBUTES = {"mixtral": "jitter_noise"}
+"""Families whose block multiplies its input by uniform noise in `[1 - j, 1 + j]` in training (transformers'
+Mixtral, `config.router_jitter_noise`), and the block attribute holding `j`."""
+
 
 class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
     """An MoE block (`base_layer`, frozen) plus, per adapter, `n` new experts with their router rows.
@@ -33,6 +37,8 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
     - `moextend_router` `(n, h)` and the optional calibration MLP `moextend_calibration_in` `(d, e+n)`,
       `moextend_calibration_out` `(e+n, d)`.
     Every added tensor sits directly in a per-adapter container, so saved keys are `<module>.<container>`.
+    An adapter with `router_aux_loss_layers="all"` also wraps the MoE blocks it does not extend, adding no tensor
+    there (`update_observer`): the block computes exactly as before and its routing counts in the adapter's aux loss.
     """
 
     adapter_layer_names = (
@@ -98,6 +104,20 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def update_observer(self, adapter_name: str, config: MoExtendConfig) -> None:
+        """Register adapter `adapter_name` on a block it does not extend: no tensor is added, the block computes as
+        the base does, and its routing is recorded for the adapter's load-balancing loss."""
+        self.moextend_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
+        modalities = config.restrict_to_modalities
+        self.moextend_modalities[adapter_name] = (
+            None if modalities is None else torch.tensor([modality_index(m) for m in modalities])
+        )
+        self.set_adapter(self.active_adapters)
+
+    def extends(self, adapter_name: str) -> bool:
+        """Whether `adapter_name` adds experts to this block (False where it only records the block's routing)."""
+        return adapter_name in self.moextend_router
 
     def _create_low_rank_deltas(self, adapter_name: str, num_new: int, rank: int) -> None:
         experts = self.base_layer.experts
@@ -184,7 +204,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         """hidden_states: `(b, s, h)`; returns what the base block returns (Llama 4: `(out, router_logits)`)."""
         if self.disable_adapters or self.merged:
             return self.base_layer(hidden_states, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.moextend_router]
+        active = [a for a in self.active_adapters if a in self.moextend_aux_loss_coef]
         if not active:
             return self.base_layer(hidden_states, *args, **kwargs)
         if len(active) > 1:
@@ -194,13 +214,15 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             )
         adapter = active[0]
         input_shape = hidden_states.shape
-        hidden = hidden_states.reshape(-1, input_shape[-1])  # (t, h)
-        eligible = self._eligible_tokens(adapter, hidden.shape[0], hidden.device)
+        eligible = self._eligible_tokens(adapter, input_shape[:-1].numel(), hidden_states.device)  # (t,) or None
         if eligible is not None and not bool(eligible.any()):
             self.routing_records.pop(adapter, None)
             return self.base_layer(hidden_states, *args, **kwargs)
+        if not self.extends(adapter):
+            return self._observed_forward(adapter, eligible, hidden_states, *args, **kwargs)
 
         block, family = self.base_layer, self.family
+        hidden = self._router_jitter(hidden_states).reshape(-1, input_shape[-1])  # (t, h)
         base_logits, base_weights, base_index = family.route(block, hidden)  # (t, e), (t, k), (t, k)
         calibration = (
             (self.moextend_calibration_in[adapter], self.moextend_calibration_out[adapter])
@@ -250,6 +272,46 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         out = family.add_shared_expert(block, hidden, routed).reshape(input_shape)
         if family.weights_scale_input:
             return out, base_logits
+        return out
+
+    def _router_jitter(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The base block's own router jitter, in training only: transformers' Mixtral multiplies the block's input
+        `(b, s, h)` by noise drawn uniformly from `[1 - j, 1 + j]` (`config.router_jitter_noise = j`) before its
+        router and its experts, so the old and new router rows and all experts see the same jittered input here."""
+        block = self.base_layer
+        attribute = ROUTER_JITTER_ATTRIBUTES.get(self.family.name)
+        noise = getattr(block, attribute, 0.0) if attribute is not None else 0.0
+        if not (block.training and noise > 0):
+            return hidden_states
+        return hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - noise, 1.0 + noise)
+
+    def _observed_forward(
+        self, adapter: str, eligible: torch.Tensor | None, hidden_states: torch.Tensor, *args, **kwargs
+    ):
+        """The base block's own forward, unchanged, with its routing recorded for `adapter`'s load-balancing loss
+        (`router_aux_loss_layers="all"` on a block the adapter does not extend). The router's output is read by a
+        hook that lives for this call only."""
+        block, family = self.base_layer, self.family
+        router_outputs = []
+        handle = family.router(block).register_forward_hook(lambda module, args, output: router_outputs.append(output))
+        try:
+            out = block(hidden_states, *args, **kwargs)
+        finally:
+            handle.remove()
+        if family.scoring == "sigmoid":  # Llama 4's router returns (scores, logits); top-k is taken on the logits
+            logits = router_outputs[-1][1]  # (t, e)
+            top_k_index = torch.topk(logits, family.top_k(block), dim=-1).indices  # (t, k)
+        else:
+            logits, _, top_k_index = router_outputs[-1]  # (t, e), _, (t, k)
+        token_mask = self.call_inputs.token_attention_mask(logits.shape[0])
+        if eligible is not None:
+            token_mask = eligible if token_mask is None else token_mask & eligible
+        self.routing_records[adapter] = RoutingRecord(
+            F.softmax(logits.float(), dim=-1),
+            dispatch_mask_from_top_k(top_k_index, logits.shape[-1]),
+            token_mask,
+            self.moextend_aux_loss_coef[adapter],
+        )
         return out
 
     def __repr__(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +23,8 @@ from .config import MoExtendConfig
 from .export import append_new_experts, check_exportable, update_config
 from .extension import measure_expert_usage
 from .layer import MoExtendLayer
+
+logger = logging.getLogger("peft_moextend")
 
 
 class MoExtendModel(ExpertTuner):
@@ -124,8 +127,19 @@ class MoExtendModel(ExpertTuner):
                     f"`base_model_name_or_path` in adapter_config.json)."
                 )
         peft_config.num_base_experts, peft_config.hidden_size = num_experts, hidden_size
-        peft_config.target_modules = "|".join(re.escape(name) for name in chosen)
+        # "all": the blocks the adapter does not extend are wrapped too, to record their routing for the aux loss
+        wrapped = list(blocks) if peft_config.router_aux_loss_layers == "all" else chosen
+        peft_config.target_modules = "|".join(re.escape(name) for name in wrapped)
         self._blocks = blocks
+        if peft_config.expert_init in ("expert_0_until_measured", "zeros") and not peft_config.inference_mode:
+            logger.warning(
+                "peft-moextend: the new experts of MoExtend layers %s start as copies of expert 0 "
+                "(expert_init=%r). Call `model.base_model.init_new_experts_from_data(batches)` before training to copy "
+                "each layer's most used expert on your data instead (the paper's choice), or pass an expert index / "
+                "{layer_index: expert_index} (e.g. from `tune_routers_and_plan`) as `expert_init`.",
+                sorted(blocks[name][0] for name in chosen),
+                peft_config.expert_init,
+            )
 
     @staticmethod
     def _source_expert(config: MoExtendConfig, layer_index: int) -> int:
@@ -145,13 +159,17 @@ class MoExtendModel(ExpertTuner):
         **optional_kwargs: Any,
     ) -> None:
         layer_index, block, family = self._blocks[current_key]
-        source = self._source_expert(peft_config, layer_index)
-        if isinstance(target, MoExtendLayer):
-            target.update_layer(adapter_name, peft_config, source)
-            return
-        new_module = MoExtendLayer(target, family, layer_index, self.call_inputs)
-        new_module.update_layer(adapter_name, peft_config, source)
-        self._install_layer(parent, target_name, target, new_module, adapter_name)
+        layer = (
+            target
+            if isinstance(target, MoExtendLayer)
+            else MoExtendLayer(target, family, layer_index, self.call_inputs)
+        )
+        if peft_config.target_layers is None or layer_index in peft_config.target_layers:
+            layer.update_layer(adapter_name, peft_config, self._source_expert(peft_config, layer_index))
+        else:  # router_aux_loss_layers="all": a block this adapter does not extend
+            layer.update_observer(adapter_name, peft_config)
+        if layer is not target:
+            self._install_layer(parent, target_name, target, layer, adapter_name)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # BaseTuner's version moves the new module to `child.weight`'s device; an MoE block has no `weight`, and
@@ -165,15 +183,25 @@ class MoExtendModel(ExpertTuner):
     ) -> dict[int, int]:
         """Re-initialise the new experts of `adapter_name` from each extended layer's most used expert on `batches`.
 
-        Usage is measured with the adapter disabled (the base model's routing). Call before training. Returns
+        Usage is measured with the adapter disabled (the base model's routing), over the tokens the new experts will
+        serve: with `restrict_to_modalities`, only tokens of those modalities (marked by the model's placeholder
+        tokens or a `modality_ids` entry in the batches); padding never counts. Call before training. Returns
         `{layer_index: source_expert}` for the extended layers and stores it as the config's `expert_init` (unless
         it is "zeros").
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config = self.peft_config[adapter_name]
         with self._disabled_adapters():
-            usage = measure_expert_usage(self.model, batches)
-        layers = [layer for layer in self._layers() if adapter_name in layer.moextend_router]
+            usage = measure_expert_usage(self.model, batches, restrict_to_modalities=config.restrict_to_modalities)
+        layers = [layer for layer in self._layers() if layer.extends(adapter_name)]
+        unseen = [layer.layer_index for layer in layers if not bool(usage[layer.layer_index].sum() > 0)]
+        if unseen:
+            served = config.restrict_to_modalities or "any"
+            raise ValueError(
+                f"`init_new_experts_from_data` saw no token that the new experts serve ({served} tokens, not "
+                f"padding) in MoE layers {unseen}, so it cannot tell which expert is most used. Give batches that "
+                "contain such tokens (marked by the model's placeholder tokens or a `modality_ids` entry)."
+            )
         sources = {layer.layer_index: int(usage[layer.layer_index].argmax()) for layer in layers}
         for layer in layers:
             layer.copy_expert_into_new(
