@@ -141,7 +141,7 @@ _MOEXTEND_OPTIONS = st.fixed_dictionaries(
     optional={
         "num_new_experts": st.integers(-1, 3),
         "target_layers": st.none() | st.lists(st.integers(-1, 3), max_size=3),
-        "expert_init": st.sampled_from(["most_used", "zeros"]) | st.integers(-1, 5),
+        "expert_init": st.sampled_from(["expert_0_until_measured", "zeros"]) | st.integers(-1, 5),
         "calibration": st.booleans(),
         "calibration_hidden_size": st.integers(0, 8),
         "router_aux_loss_coef": st.floats(-1.0, 1.0, allow_nan=False),
@@ -276,6 +276,9 @@ def _pathweave_valid(options: dict) -> bool:
         and bool(modalities)
         and len(set(modalities)) == len(modalities)
         and set(modalities) <= {"text", "image", "video", "audio"}
+        and options.get("noisy_gate", True) in (True, False)
+        and (options.get("gate_top_k") is None or options["gate_top_k"] >= 1)
+        and options.get("in_adapter_form", "residual") in ("residual", "replace")
     )
 
 
@@ -284,6 +287,9 @@ _PATHWEAVE_OPTIONS = st.fixed_dictionaries(
     optional={
         "r": st.integers(-1, 4),
         "modalities": st.lists(st.sampled_from(["text", "image", "smell"]), max_size=3),
+        "noisy_gate": st.booleans() | st.just("yes"),
+        "gate_top_k": st.none() | st.integers(-1, 3),
+        "in_adapter_form": st.sampled_from(["residual", "replace", "mlp"]),
     },
 )
 

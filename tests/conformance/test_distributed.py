@@ -17,10 +17,10 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from conformance.cases import CASES, case_id, make_model
-from conformance.fsdp_train import train
+from conformance.sharded_train import train
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
-FSDP_SCRIPT = Path(__file__).with_name("fsdp_train.py")  # importable: its launch-time code is under __main__
+SHARDED_SCRIPT = Path(__file__).with_name("sharded_train.py")  # importable: its launch-time code is under __main__
 
 
 def _run(command: list[str], tmp_path: Path) -> None:
@@ -64,26 +64,25 @@ def test_7_two_process_ddp_matches_single_process(case, tmp_path):
     assert initial_moved
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_7_fsdp2_two_processes_match_single_process_and_reload_exactly(case, tmp_path):
-    _run(_accelerate_launch(FSDP_SCRIPT, case.name, str(tmp_path)), tmp_path)
-    train(case.name, tmp_path / "single", "single")
-
+def _check_sharded_runs(case, tmp_path: Path, modes: tuple[str, ...], sharded: tuple[str, ...]) -> None:
+    """Each mode's run against the single-process reference in tmp_path/single (see sharded_train.py)."""
     single = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
     assert single and all(case.prefix in k for k in single)
-    for mode in ("fully_shard", "accelerate"):
+    for mode in modes:
         out = tmp_path / mode
         # the loss curve of the sharded run is the single process's (router aux losses are per process, ~1e-3)
         losses, reference = (json.loads((d / "losses.json").read_text()) for d in (out, tmp_path / "single"))
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=2e-3, atol=0)
-        # every frozen base parameter with more than one row is split across the two processes
-        sharding = json.loads((out / "sharding.json").read_text())
-        assert sharding and all(local <= -(-full // 2) for local, full in sharding.values() if full > 1), sharding
+        # in parameter-sharding modes every frozen base parameter with more than one element is split in two
+        if mode in sharded:
+            sharding = json.loads((out / "sharding.json").read_text())
+            assert sharding and all(local <= -(-full // 2) for local, full in sharding.values() if full > 1), sharding
         # rank 0 saved the whole adapter and nothing else, with the single process's weights up to the aux loss
         saved = load_file(out / "adapter" / "adapter_model.safetensors")
-        assert saved.keys() == single.keys()
+        assert saved.keys() == single.keys(), mode
         for name, value in single.items():
-            torch.testing.assert_close(saved[name], value, rtol=1e-3, atol=1e-4)
+            where = f"{mode} {name}"
+            torch.testing.assert_close(saved[name], value, rtol=1e-3, atol=1e-4, msg=lambda m, at=where: f"{at}: {m}")
         # one process reloads it onto a fresh base: the same tensors and the sharded model's logits
         reloaded = PeftModel.from_pretrained(make_model(case.text_family), out / "adapter").eval()
         state = get_peft_model_state_dict(reloaded)
@@ -92,3 +91,30 @@ def test_7_fsdp2_two_processes_match_single_process_and_reload_exactly(case, tmp
         evaluation = {k: v for k, v in expected["evaluation"].items() if k != "labels"}
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**evaluation).logits, expected["logits"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_7_fsdp2_two_processes_match_single_process_and_reload_exactly(case, tmp_path):
+    _run(_accelerate_launch(SHARDED_SCRIPT, "fsdp", case.name, str(tmp_path)), tmp_path)
+    train(case.name, tmp_path / "single", "single")
+    _check_sharded_runs(case, tmp_path, ("fully_shard", "accelerate"), sharded=("fully_shard", "accelerate"))
+
+
+# CMoE under DeepSpeed: the third step's update differs from plain PyTorch by ~2e-3 although the gradients before it are
+# equal; it happens with one process and ZeRO stage 0 too (not the sharding). Not understood yet: docs/distributed.md
+# says to train CMoE with DDP or FSDP2. strict: this test fails loudly once the cause is fixed.
+DEEPSPEED_CASES = [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="CMoE under DeepSpeed diverges at step 3"))
+    if c.name == "cmoe"
+    else c
+    for c in CASES
+]
+
+
+@pytest.mark.parametrize("case", DEEPSPEED_CASES, ids=case_id)
+def test_7_deepspeed_zero2_and_zero3_match_single_process_and_reload_exactly(case, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    port = ["--master-port", str(30500 + os.getpid() % 1000)]
+    _run([*torchrun, *port, str(SHARDED_SCRIPT), "deepspeed", case.name, str(tmp_path)], tmp_path)
+    train(case.name, tmp_path / "single", "single")
+    _check_sharded_runs(case, tmp_path, ("zero2", "zero3"), sharded=("zero3",))

@@ -84,6 +84,7 @@ def test_models_without_input_ids_take_explicit_modality_ids(name, sequential):
         base_out = call(base)
     peft_model = get_peft_model(base, MLP_CONFIGS[name](["0"] if sequential else ["lin0"]))
     perturb_adapter(peft_model, f"{name}_", scale=0.5)
+    peft_model.eval()  # rows compared across calls: no training-time noise (PathWeave's noisy gate)
     image_rows = torch.tensor([[0], [1], [1], [0]])  # (batch, seq=1): one token per row
     with torch.no_grad():
         if name != "cmoe":  # CMoE routes by task, not modality
@@ -100,6 +101,7 @@ def test_models_without_input_ids_take_explicit_modality_ids(name, sequential):
     if name != "cmoe":
         assert not torch.allclose(as_image, as_text)  # the ids are used, not dropped
     assert not torch.allclose(mixed, base_out)
+    peft_model.train()
     loss = call(peft_model, modality_ids=image_rows).sum()
     loss.backward()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]

@@ -1,12 +1,15 @@
-"""Train one method for a few steps under FSDP2 and save what test_distributed.py compares.
+"""Train one method for a few steps with sharded data parallelism and save what test_distributed.py compares.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/conformance/fsdp_train.py METHOD OUT
+    accelerate launch --multi_gpu --num_processes 2 tests/conformance/sharded_train.py fsdp METHOD OUT
+    torchrun --nproc-per-node 2 tests/conformance/sharded_train.py deepspeed METHOD OUT
 
-runs FSDP2 `fully_shard` directly (OUT/fully_shard) and then accelerate's FSDP2 plugin (OUT/accelerate) in the same
-two processes; the test runs `train(METHOD, OUT/single, "single")` in its own process as the reference. The global
-batch is 4 in every mode (2 per process with 2 processes). Each OUT/mode receives `adapter/` (save_pretrained from
-rank 0 with a full state dict: the adapter alone is saved), `losses.json` (global loss per step), `logits.pt` (the
-trained model on an evaluation batch) and `sharding.json` (per frozen base parameter: local and full element counts).
+`fsdp` runs FSDP2 `fully_shard` directly (OUT/fully_shard) and then accelerate's FSDP2 plugin (OUT/accelerate) in the
+same two processes; `deepspeed` runs ZeRO-2 (OUT/zero2) and then ZeRO-3 (OUT/zero3). The test runs
+`train(METHOD, OUT/single, "single")` in its own process as the reference. The global batch is 4 in every mode (2
+per process with 2 processes). Each OUT/mode receives `adapter/` (save_pretrained from rank 0 with a full state
+dict: the adapter alone is saved), `losses.json` (global loss per step), `logits.pt` (the trained model on an
+evaluation batch) and `sharding.json` (per frozen base parameter: local and full element counts; ZeRO-2 shards
+optimizer state and gradients only, so its parameters stay whole).
 
 accelerate enables FSDP only for accelerator device types (accelerate/state.py leaves a CPU run as MULTI_CPU, DDP);
 the `accelerate` mode therefore switches the state to FSDP after `Accelerator(cpu=True, fsdp_plugin=...)`, so that
@@ -51,13 +54,27 @@ def adapter_state_dict(model: torch.nn.Module, prefix: str) -> dict[str, torch.T
     return gathered
 
 
+def zero3_adapter_state_dict(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The adapter's entries of a ZeRO-3 model, gathered from their partitions; a collective."""
+    import deepspeed
+
+    named = {n: p for n, p in model.named_parameters() if prefix in n}
+    with deepspeed.zero.GatheredParameters(list(named.values())):
+        gathered = {n: p.detach().cpu().clone() for n, p in named.items()}
+    buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if prefix in n}
+    return gathered | buffers
+
+
 def sharding_report(model: torch.nn.Module, prefix: str) -> dict[str, list[int]]:
     """Per frozen base parameter: [local elements, full elements]."""
     report = {}
     for name, p in model.named_parameters():
         if prefix not in name:
-            local = p.to_local() if isinstance(p, DTensor) else p
-            report[name] = [local.numel(), p.numel()]
+            if hasattr(p, "ds_tensor"):  # ZeRO-3 partition
+                report[name] = [p.ds_tensor.numel(), p.ds_numel]
+            else:
+                local = p.to_local() if isinstance(p, DTensor) else p
+                report[name] = [local.numel(), p.numel()]
     return report
 
 
@@ -75,7 +92,8 @@ def accelerate_fsdp2(accelerator_cls, plugin_cls):
 
 
 def train(method: str, out: Path, mode: str, accelerator=None) -> None:
-    """Train `method` in `mode` ("single", "fully_shard" or "accelerate") and write OUT's files (rank 0)."""
+    """Train `method` in `mode` ("single", "fully_shard", "accelerate", "zero2" or "zero3") and write OUT's files
+    (rank 0)."""
     case = next(c for c in CASES if c.name == method)
     world, rank = (dist.get_world_size(), dist.get_rank()) if mode != "single" else (1, 0)
     torch.manual_seed(0)
@@ -98,6 +116,16 @@ def train(method: str, out: Path, mode: str, accelerator=None) -> None:
         plugin.auto_wrap_policy = "transformer_based_wrap"
         plugin.set_auto_wrap_policy(model)
         model, optimizer = accelerator.prepare(model, optimizer)
+    if mode in ("zero2", "zero3"):
+        import deepspeed
+
+        config = {
+            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": int(mode[-1])},
+            "zero_allow_untested_optimizer": True,  # plain SGD, as in the other modes
+        }
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
     model.train()
     per_process, losses = GLOBAL_BATCH // world, []
@@ -105,9 +133,14 @@ def train(method: str, out: Path, mode: str, accelerator=None) -> None:
         start = step * GLOBAL_BATCH + rank * per_process
         batch = {k: torch.cat([r[k] for r in rows[start : start + per_process]]) for k in rows[0]}
         optimizer.zero_grad()
-        loss = model(**batch).loss
-        (accelerator.backward(loss) if mode == "accelerate" else loss.backward())
-        optimizer.step()
+        if mode in ("zero2", "zero3"):
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss = model(**batch).loss
+            (accelerator.backward(loss) if mode == "accelerate" else loss.backward())
+            optimizer.step()
         global_loss = loss.detach().clone()
         if world > 1:
             dist.all_reduce(global_loss)
@@ -115,9 +148,15 @@ def train(method: str, out: Path, mode: str, accelerator=None) -> None:
 
     model.eval()
     with torch.no_grad():
-        logits = model(**{k: v for k, v in evaluation.items() if k != "labels"}).logits
+        inputs = {k: v for k, v in evaluation.items() if k != "labels"}
+        logits = (engine if mode in ("zero2", "zero3") else model)(**inputs).logits
     # accelerate's documented path gathers the full model state dict on rank 0; directly, gather the adapter only
-    state = accelerator.get_state_dict(model) if mode == "accelerate" else adapter_state_dict(model, case.prefix)
+    if mode == "accelerate":
+        state = accelerator.get_state_dict(model)
+    elif mode == "zero3":
+        state = zero3_adapter_state_dict(model, case.prefix)
+    else:
+        state = adapter_state_dict(model, case.prefix)
     sharding = sharding_report(model, case.prefix)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -130,19 +169,29 @@ def train(method: str, out: Path, mode: str, accelerator=None) -> None:
         dist.barrier()
 
 
-def main(method: str, out: Path) -> None:
-    """Under `accelerate launch` with 2 processes: FSDP2 directly (OUT/fully_shard), then through accelerate's
-    plugin (OUT/accelerate), in the process group the `Accelerator` set up."""
-    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+def main(kind: str, method: str, out: Path) -> None:
+    """`fsdp` under `accelerate launch` with 2 processes: FSDP2 directly (OUT/fully_shard), then through
+    accelerate's plugin (OUT/accelerate), in the process group the `Accelerator` set up. `deepspeed` under torchrun:
+    ZeRO-2 (OUT/zero2), then ZeRO-3 (OUT/zero3)."""
+    if kind == "fsdp":
+        from accelerate import Accelerator, FullyShardedDataParallelPlugin
 
-    accelerator = accelerate_fsdp2(Accelerator, FullyShardedDataParallelPlugin)
-    train(method, out / "fully_shard", "fully_shard")
-    train(method, out / "accelerate", "accelerate", accelerator)
+        accelerator = accelerate_fsdp2(Accelerator, FullyShardedDataParallelPlugin)
+        train(method, out / "fully_shard", "fully_shard")
+        train(method, out / "accelerate", "accelerate", accelerator)
+    elif kind == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        train(method, out / "zero2", "zero2")
+        train(method, out / "zero3", "zero3")
+    else:
+        raise ValueError(f"unknown kind {kind!r}: use 'fsdp' or 'deepspeed'")
 
 
 if __name__ == "__main__":
     faulthandler.dump_traceback_later(240, exit=True)  # a hang prints every thread's stack instead of stalling CI
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]))
     # as ddp_train.py: skip interpreter teardown, where gloo occasionally aborted or hung on a loaded 2-core machine
     sys.stdout.flush()
     os._exit(0)
