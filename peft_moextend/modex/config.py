@@ -32,7 +32,8 @@ class ModeXConfig(ExpertConfig):
         routing: "modality_masks" (default): an expert acts only on tokens of its modalities, the coordinator mixes
             the experts allowed for each token. "paper": as the reference code (`MEC_adapter.forward`), every expert
             acts on every token (the expert modalities are not used) and adapters in a media tower (vision/audio
-            encoder) are single-expert serial adapters without a coordinator (the reference's `Adapter`).
+            encoder or its projector) are single-expert serial adapters without a coordinator (the reference's
+            `Adapter`).
         target_modules: Linear layers followed by an adapter; None: the language model's `o_proj` and `down_proj`.
             Name vision-tower modules too to adapt the tower (its tokens count as its modality).
         train_layer_norms: Add a trainable per-channel scale and shift (init 1 and 0) after every normalisation
