@@ -94,3 +94,121 @@ def test_an_explicitly_targeted_layer_norm_gets_a_norm_layer_with_features():
     )
     norm = next(m for m in peft_model.modules() if isinstance(m, ModeXNormLayer))
     assert norm.in_features == norm.out_features == model.config.text_config.hidden_size
+
+
+def _text_only_gradients(routing: str) -> dict[str, torch.Tensor]:
+    """Gradient of every `modex_up` after one text-only batch (no image token) of a tiny LLaVA, per layer name."""
+    model = make_tiny_vlm("llava")
+    peft_model = get_peft_model(model, ModeXConfig(bottleneck_size=4, routing=routing))
+    batch = make_vlm_inputs(model, "llava", with_media=False)
+    peft_model.train()
+    peft_model(**batch).loss.backward()
+    return {n: p.grad for n, p in peft_model.named_parameters() if "modex_up" in n}
+
+
+def test_paper_routing_trains_every_expert_on_text_tokens():
+    """Experts in name order: cross_modal, text, visual. With modality masks the visual expert never sees a text
+    token, so a text-only batch leaves it without gradient; with the reference's routing every expert gets one."""
+    assert ModeXConfig().routing == "modality_masks"
+    masked, paper = _text_only_gradients("modality_masks"), _text_only_gradients("paper")
+    assert masked.keys() == paper.keys() and len(paper) == 4
+    for name in paper:
+        masked_by_expert = masked[name].view(masked[name].shape[0], 3, 4).unbind(1)
+        paper_by_expert = paper[name].view(paper[name].shape[0], 3, 4).unbind(1)
+        assert all(g.abs().sum() > 0 for g in masked_by_expert[:2]), name
+        assert torch.equal(masked_by_expert[2], torch.zeros_like(masked_by_expert[2])), name
+        assert all(g.abs().sum() > 0 for g in paper_by_expert), name
+
+
+def test_paper_routing_mixes_every_expert_on_every_token():
+    model = make_tiny_vlm("llava")
+    peft_model = get_peft_model(model, ModeXConfig(bottleneck_size=4, routing="paper"))
+    layer = next(m for m in peft_model.modules() if isinstance(m, ModeXLayer))
+    with torch.no_grad():
+        for p in (layer.modex_up["default"], layer.modex_router["default"]):
+            p.normal_()
+    context = layer.call_inputs
+    x = torch.randn(1, 5, layer.in_features)
+    context.modality_ids, context.markable = torch.tensor([[0, 1, 1, 0, 0]]), frozenset({"text", "image"})
+    with torch.no_grad():
+        got = layer(x).reshape(5, -1)
+        y = layer.base_layer(x).reshape(5, -1)
+        hidden = torch.relu(y @ layer.modex_down["default"].T)
+        up = layer.modex_up["default"].view(-1, 3, 4)
+        router = y @ layer.modex_router["default"].T + layer.modex_router_bias["default"]
+        weights = torch.softmax(router / 10.0, -1)  # no mask: image and text tokens alike
+        expected = y + sum(weights[:, e : e + 1] * (hidden @ up[:, e].T) for e in range(3))
+        layer.modex_settings["default"].uses_masks = True  # the same tensors under modality masks
+        masked = layer(x).reshape(5, -1)
+    assert bool((weights > 0).all())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(masked, got, atol=1e-4)
+
+
+TOWER_AND_LM = r".*(vision_tower\.encoder\.layers\.0\.mlp\.fc2|language_model\.layers\.0\.self_attn\.o_proj)"
+
+
+def test_paper_routing_gives_tower_layers_a_single_expert_adapter():
+    model = make_tiny_vlm("llava")
+    peft_model = get_peft_model(model, ModeXConfig(bottleneck_size=4, routing="paper", target_modules=TOWER_AND_LM))
+    tower, language = (
+        next(m for m in peft_model.modules() if isinstance(m, ModeXLayer) and part in m.module_name)
+        for part in ("vision_tower", "language_model")
+    )
+    assert "default" not in tower.modex_router and "default" not in tower.modex_router_bias
+    assert tower.modex_up["default"].shape == (tower.out_features, 4)
+    assert language.modex_up["default"].shape == (language.out_features, 12) and "default" in language.modex_router
+    with torch.no_grad():
+        tower.modex_up["default"].normal_()
+        x = torch.randn(2, 3, tower.in_features)
+        y = tower.base_layer(x)
+        expected = y + torch.relu(y @ tower.modex_down["default"].T) @ tower.modex_up["default"].T
+        torch.testing.assert_close(tower(x), expected, rtol=1e-5, atol=1e-6)
+    masked = get_peft_model(make_tiny_vlm("llava"), ModeXConfig(bottleneck_size=4, target_modules=TOWER_AND_LM))
+    masked_tower = next(m for m in masked.modules() if isinstance(m, ModeXLayer) and "vision_tower" in m.module_name)
+    assert masked_tower.modex_up["default"].shape == (masked_tower.out_features, 12)
+    assert "default" in masked_tower.modex_router
+
+
+def test_paper_routing_saves_and_reloads_exactly(tmp_path):
+    from conformance.cases import perturb_adapter
+    from peft import PeftConfig, PeftModel
+
+    model = make_tiny_vlm("llava")
+    batch = make_vlm_inputs(model, "llava")
+    peft_model = get_peft_model(model, ModeXConfig(bottleneck_size=4, routing="paper", target_modules=TOWER_AND_LM))
+    perturb_adapter(peft_model, "modex_", scale=0.5)
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        with peft_model.disable_adapter():
+            assert not torch.allclose(peft_model(**batch).logits, expected, atol=1e-4)
+    peft_model.save_pretrained(tmp_path)
+    assert PeftConfig.from_pretrained(tmp_path).routing == "paper"
+    loaded = PeftModel.from_pretrained(make_tiny_vlm("llava"), tmp_path)
+    assert loaded.peft_config["default"].routing == "paper"
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_bad_routing_names_the_allowed_values():
+    with pytest.raises(ValueError, match=r"`routing` must be one of \('modality_masks', 'paper'\), got 'dense'"):
+        ModeXConfig(routing="dense")
+
+
+def test_paper_routing_needs_no_modality_ids():
+    """The expert modalities are not used: a text model runs without `modality_ids`, and any ids give the same
+    outputs; with modality masks the visual expert needs them."""
+    from conformance.cases import make_llama, perturb_adapter
+
+    input_ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    paper = get_peft_model(make_llama(), ModeXConfig(routing="paper"))
+    perturb_adapter(paper, "modex_", scale=0.5)
+    with torch.no_grad():
+        unmarked = paper(input_ids=input_ids).logits
+        marked = paper(input_ids=input_ids, modality_ids=(input_ids % 2)).logits
+        with paper.disable_adapter():
+            assert not torch.allclose(paper(input_ids=input_ids).logits, unmarked, atol=1e-4)
+    assert torch.equal(unmarked, marked)
+    masked = get_peft_model(make_llama(), ModeXConfig())
+    with pytest.raises(ValueError, match=r"needs to tell \['image'\].*modality_ids"):
+        masked(input_ids=input_ids)

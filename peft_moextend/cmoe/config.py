@@ -29,6 +29,12 @@ class CMoEConfig(ExpertConfig):
         r: Rank of every expert.
         experts_per_task: Experts a task adds to each layer it extends.
         lora_alpha: Expert outputs are scaled by `lora_alpha / r`.
+        top_k: None (default): a task's router mixes all its experts densely (softmax). An integer k: each token
+            mixes only its k best experts of the task's router (softmax renormalised over them), the sparse routing of
+            the paper's MoE layers; at least 1 and at most `experts_per_task`.
+        router_aux_loss_coef: With `top_k`, the Switch load-balancing loss of each task router over its experts is
+            returned as `outputs.router_aux_loss` and, times this coefficient, added to `outputs.loss` when labels
+            are given (0 disables; unused for dense routing, where every expert gets every token).
         target_modules: Linear layers that may receive experts; None: the language model's attention and MLP
             projections.
         probe_threshold: PGKE: a layer gets the new task's experts only if the trained probe expert's routing share
@@ -61,6 +67,12 @@ class CMoEConfig(ExpertConfig):
     r: int = field(default=8, metadata={"help": "Rank of every expert."})
     experts_per_task: int = field(default=2, metadata={"help": "Experts a task adds to each layer it extends."})
     lora_alpha: float = field(default=16.0, metadata={"help": "Expert outputs are scaled by lora_alpha / r."})
+    top_k: int | None = field(
+        default=None, metadata={"help": "None = dense routing in a task; k = each token mixes its top-k experts."}
+    )
+    router_aux_loss_coef: float = field(
+        default=1e-3, metadata={"help": "Load-balancing loss coefficient for top_k routing."}
+    )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Layers that may receive experts; None = the language model's projections."}
     )
@@ -87,6 +99,17 @@ class CMoEConfig(ExpertConfig):
             value = getattr(self, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if option == "probe_steps" else 1):
                 raise ValueError(f"`{option}` must be a positive integer, got {value!r}.")
+        # `top_k <= experts_per_task` is checked when the adapter is built (`CMoELayer.add_adapter`): PGKE trains
+        # its probes under a copy of this config with one expert per task.
+        if self.top_k is not None and (
+            not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
+        ):
+            raise ValueError(
+                f"`top_k` must be None (dense routing) or a positive integer at most `experts_per_task`, got "
+                f"{self.top_k!r}."
+            )
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef!r}.")
         if not 0 <= self.probe_threshold <= 1:
             raise ValueError(f"`probe_threshold` must be in [0, 1], got {self.probe_threshold!r}.")
         if not self.probe_learning_rate > 0:

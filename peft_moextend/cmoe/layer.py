@@ -12,9 +12,11 @@ from torch import nn
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
+from ..routing import RoutedLayer, RoutingRecord
 from ..tuner_utils import LinearExpertLayer, stage_container
 from .config import CMoEConfig
 from .locator import locate, locator_size, task_scores
+from .router import initial_router, task_gates
 
 
 class TaskSelection:
@@ -51,7 +53,7 @@ class TaskSelection:
         return None if chosen is None else chosen[1]
 
 
-class CMoELayer(LinearExpertLayer):
+class CMoELayer(LinearExpertLayer, RoutedLayer):
     """A linear `base_layer` (frozen) plus, per adapter and task k, optional experts and a router.
 
     Added tensors, in containers keyed by adapter (task k's containers are named with its index, so that every
@@ -59,7 +61,8 @@ class CMoELayer(LinearExpertLayer):
     n_k experts task k added here, and `cmoe_router_k` `(e_k, i)` over all e_k experts up to task k. Task k routes
     only over those e_k experts, whose tensors never change after task k: adding tasks never changes task k's
     outputs. The first layer holding an adapter is its locator layer (`cmoe_is_locator`): it resolves each sample's
-    task and holds the task locator (`cmoe_locator_k`).
+    task and holds the task locator (`cmoe_locator_k`). With `top_k`, each task router's routing is recorded for the
+    load-balancing loss (`routing_records`, keyed `"<adapter>/task<k>"`: one record per task present in the call).
     """
 
     method_name = "CMoE"
@@ -76,12 +79,18 @@ class CMoELayer(LinearExpertLayer):
         self.cmoe_experts: dict[str, list[int]] = {}  # adapter -> experts added by each task
         self.cmoe_settings: dict[str, CMoEConfig] = {}
         self.cmoe_is_locator: dict[str, bool] = {}
+        self.routing_records: dict[str, RoutingRecord] = {}
 
     def _container(self, kind: str, task: int) -> nn.ParameterDict:
         return stage_container(self, f"cmoe_{kind}_{task}", trainable=kind not in ("locator", "threshold"))
 
     def add_adapter(self, adapter_name: str, config: CMoEConfig, is_locator: bool) -> None:
         """Hold adapter `adapter_name` (no task yet); `is_locator`: this is the adapter's first layer."""
+        if config.top_k is not None and config.top_k > config.experts_per_task:
+            raise ValueError(
+                f"`top_k` ({config.top_k}) must not exceed `experts_per_task` ({config.experts_per_task}): a task "
+                "adding experts routes each token to top_k of them. Lower `top_k` or raise `experts_per_task`."
+            )
         self.cmoe_settings[adapter_name] = config
         self.cmoe_scaling[adapter_name] = config.lora_alpha / config.r
         self.cmoe_experts.setdefault(adapter_name, [])
@@ -99,7 +108,9 @@ class CMoELayer(LinearExpertLayer):
         self.cmoe_experts[adapter_name].append(added)
         total = sum(self.cmoe_experts[adapter_name])
         if total:
-            self._container("router", task)[adapter_name] = nn.Parameter(torch.zeros(total, self.in_features))
+            self._container("router", task)[adapter_name] = nn.Parameter(
+                initial_router(total, self.in_features, config.top_k)
+            )
         self.place_adapter(adapter_name)
         # earlier tasks stay frozen, whatever set_adapter does later
         self.frozen_peft_weight_names[adapter_name] = tuple(
@@ -283,7 +294,7 @@ class CMoELayer(LinearExpertLayer):
             rows = None if token_task is None else token_task == task
             every_row = rows is None or bool(rows.all())
             inputs = self._cast_input_dtype(tokens if every_row else tokens[rows], weight_a.dtype)
-            gates = F.softmax(F.linear(inputs, router), dim=-1)  # (t, e)
+            gates = self._task_gates(adapter, task, F.linear(inputs, router), None if every_row else rows)  # (t, e)
             hidden = F.linear(inputs, weight_a).view(-1, gates.shape[-1], rank) * gates.unsqueeze(-1)
             out = F.linear(hidden.flatten(1), weight_b) * scaling  # (t, o)
             if every_row:
@@ -293,6 +304,20 @@ class CMoELayer(LinearExpertLayer):
                 delta = out.new_zeros(tokens.shape[0], out.shape[-1]) if delta is None else delta.to(out.dtype)
                 delta[rows] = out
         return None if delta is None else delta.reshape(*x.shape[:-1], -1)
+
+    def _task_gates(self, adapter: str, task: int, logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Gates `(t, e)` of task `task`'s router from its logits `(t, e)` over the call's tokens `rows` (None: all);
+        with `top_k`, the routing is recorded for the load-balancing loss."""
+        config = self.cmoe_settings[adapter]
+        gates, chosen = task_gates(logits, config.top_k)
+        if chosen is not None:
+            token_mask = self.call_inputs.token_attention_mask(rows.shape[0] if rows is not None else logits.shape[0])
+            if token_mask is not None and rows is not None:
+                token_mask = token_mask[rows]
+            self.routing_records[f"{adapter}/task{task}"] = RoutingRecord(
+                F.softmax(logits.float(), dim=-1), chosen, token_mask, config.router_aux_loss_coef
+            )
+        return gates
 
     def __repr__(self) -> str:
         return "cmoe." + super().__repr__()

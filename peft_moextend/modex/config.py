@@ -9,6 +9,8 @@ from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
 from ..registration import MoExtendPeftType
 
+ROUTINGS = ("modality_masks", "paper")
+
 
 @strict_options
 @dataclass
@@ -27,6 +29,11 @@ class ModeXConfig(ExpertConfig):
             visual expert (image tokens; add "video" for video models) and a cross-modal expert. Experts are laid
             out in the alphabetical order of their names.
         router_temperature: T of the coordinator's softmax (10 in the paper).
+        routing: "modality_masks" (default): an expert acts only on tokens of its modalities, the coordinator mixes
+            the experts allowed for each token. "paper": as the reference code (`MEC_adapter.forward`), every expert
+            acts on every token (the expert modalities are not used) and adapters in a media tower (vision/audio
+            encoder or its projector) are single-expert serial adapters without a coordinator (the reference's
+            `Adapter`).
         target_modules: Linear layers followed by an adapter; None: the language model's `o_proj` and `down_proj`.
             Name vision-tower modules too to adapt the tower (its tokens count as its modality).
         train_layer_norms: Add a trainable per-channel scale and shift (init 1 and 0) after every normalisation
@@ -41,6 +48,13 @@ class ModeXConfig(ExpertConfig):
         metadata={"help": "Expert name -> modalities it acts on (None = all tokens)."},
     )
     router_temperature: float = field(default=10.0, metadata={"help": "Coordinator softmax temperature."})
+    routing: str = field(
+        default="modality_masks",
+        metadata={
+            "help": "'modality_masks' (experts act on their modalities' tokens) or 'paper' (every expert on every "
+            "token, single-expert adapters in media towers, as the reference code)."
+        },
+    )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Linear layers followed by an adapter; None = LM o_proj and down_proj."}
     )
@@ -69,3 +83,5 @@ class ModeXConfig(ExpertConfig):
         self.experts = dict(sorted(self.experts.items()))
         if not self.router_temperature >= 1e-3:
             raise ValueError(f"`router_temperature` must be >= 0.001, got {self.router_temperature!r}.")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"`routing` must be one of {ROUTINGS}, got {self.routing!r}.")

@@ -25,7 +25,9 @@ class ModeXLayer(LinearExpertLayer):
     `modex_router[adapter]` `(e, o)` with `modex_router_bias[adapter]` `(e,)`, initialised as a default
     `nn.Linear(o, e)` (as the reference code): a zero router would give every expert the same weight, so the
     identical zero-initialised experts would receive identical updates forever and the coordinator no gradient.
-    Experts a token's modality may not use get weight 0.
+    Experts a token's modality may not use get weight 0 (`routing="modality_masks"`). With `routing="paper"` a layer
+    in a media tower holds a single expert, `modex_up[adapter]` `(o, b)`, and no coordinator:
+    `y + up(ReLU(down(y)))`.
     """
 
     method_name = "ModeX"
@@ -41,14 +43,17 @@ class ModeXLayer(LinearExpertLayer):
         self.modex_settings: dict[str, _ExpertSettings] = {}
 
     def update_layer(self, adapter_name: str, config: ModeXConfig) -> None:
-        num_experts = len(config.experts)
+        # the reference code adapts its encoders' layers with single-expert adapters (`Adapter` in `vit.py` blocks)
+        single_expert = config.routing == "paper" and self.tower_modality is not None
+        num_experts = 1 if single_expert else len(config.experts)
         self.modex_down[adapter_name] = nn.Parameter(
             kaiming_uniform_experts(1, config.bottleneck_size, self.out_features)
         )
         self.modex_up[adapter_name] = nn.Parameter(torch.zeros(self.out_features, num_experts * config.bottleneck_size))
-        router = nn.Linear(self.out_features, num_experts)
-        self.modex_router[adapter_name] = nn.Parameter(router.weight.detach())
-        self.modex_router_bias[adapter_name] = nn.Parameter(router.bias.detach())
+        if not single_expert:
+            router = nn.Linear(self.out_features, num_experts)
+            self.modex_router[adapter_name] = nn.Parameter(router.weight.detach())
+            self.modex_router_bias[adapter_name] = nn.Parameter(router.bias.detach())
         self.modex_settings[adapter_name] = _ExpertSettings(config)
         self.place_adapter(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -61,17 +66,24 @@ class ModeXLayer(LinearExpertLayer):
             return result
         outputs = result.reshape(-1, result.shape[-1])  # (t, o)
         for adapter in active:
-            settings, down = self.modex_settings[adapter], self.modex_down[adapter]
+            down = self.modex_down[adapter]
             y = self._cast_input_dtype(outputs, down.dtype)
-            logits = F.linear(y, self.modex_router[adapter], self.modex_router_bias[adapter]) / settings.temperature
-            if settings.uses_masks:  # (t, e)
-                modalities = self.modality_ids(y.shape[0], settings.needed_modalities, y.device)
-                logits = logits.masked_fill(~settings.eligible(modalities), float("-inf"))
-            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a token no expert may serve gets none
             hidden = F.relu(F.linear(y, down))  # (t, b)
-            mixed = (weights.unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
-            outputs = outputs + F.linear(mixed, self.modex_up[adapter]).to(outputs.dtype)
+            if adapter in self.modex_router:  # else a single expert
+                weights = self._coordinator_weights(adapter, y)  # (t, e)
+                hidden = (weights.unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
+            outputs = outputs + F.linear(hidden, self.modex_up[adapter]).to(outputs.dtype)
         return outputs.reshape(result.shape)
+
+    def _coordinator_weights(self, adapter: str, y: torch.Tensor) -> torch.Tensor:
+        """`(t, e)` expert weights of the tokens `y` `(t, o)`: the coordinator's softmax, over the experts each token's
+        modality may use with modality masks, over all experts with `routing="paper"`."""
+        settings = self.modex_settings[adapter]
+        logits = F.linear(y, self.modex_router[adapter], self.modex_router_bias[adapter]) / settings.temperature
+        if settings.uses_masks:
+            modalities = self.modality_ids(y.shape[0], settings.needed_modalities, y.device)
+            logits = logits.masked_fill(~settings.eligible(modalities), float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a token no expert may serve gets none
 
     def __repr__(self) -> str:
         return "modex." + super().__repr__()
@@ -117,7 +129,8 @@ class ModeXNormLayer(nn.Module, BaseTunerLayer):
 
 
 class _ExpertSettings:
-    """Per-adapter constants: the coordinator temperature and which modalities each expert serves."""
+    """Per-adapter constants: the coordinator temperature and which modalities each expert serves (masks only with
+    `routing="modality_masks"`)."""
 
     def __init__(self, config: ModeXConfig) -> None:
         self.temperature = config.router_temperature
@@ -125,7 +138,7 @@ class _ExpertSettings:
             None if modalities is None else [modality_index(m) for m in modalities]
             for modalities in config.experts.values()
         ]
-        self.uses_masks = any(m is not None for m in self.expert_modalities)
+        self.uses_masks = config.routing == "modality_masks" and any(m is not None for m in self.expert_modalities)
         # non-text modalities the model must be able to mark (placeholder ids or explicit modality_ids)
         self.needed_modalities = {m for modalities in config.experts.values() if modalities for m in modalities} - {
             "text"
