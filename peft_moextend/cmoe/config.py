@@ -99,14 +99,17 @@ class CMoEConfig(ExpertConfig):
             value = getattr(self, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if option == "probe_steps" else 1):
                 raise ValueError(f"`{option}` must be a positive integer, got {value!r}.")
-        # `top_k <= experts_per_task` is checked when the adapter is built (`CMoELayer.add_adapter`): PGKE trains
-        # its probes under a copy of this config with one expert per task.
         if self.top_k is not None and (
             not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1
         ):
             raise ValueError(
                 f"`top_k` must be None (dense routing) or a positive integer at most `experts_per_task`, got "
                 f"{self.top_k!r}."
+            )
+        if self.top_k is not None and self.top_k > self.experts_per_task:
+            raise ValueError(
+                f"`top_k` ({self.top_k}) must not exceed `experts_per_task` ({self.experts_per_task}): a task "
+                "adding experts routes each token to top_k of them. Lower `top_k` or raise `experts_per_task`."
             )
         if not self.router_aux_loss_coef >= 0:
             raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef!r}.")

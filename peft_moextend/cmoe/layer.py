@@ -86,11 +86,6 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
 
     def add_adapter(self, adapter_name: str, config: CMoEConfig, is_locator: bool) -> None:
         """Hold adapter `adapter_name` (no task yet); `is_locator`: this is the adapter's first layer."""
-        if config.top_k is not None and config.top_k > config.experts_per_task:
-            raise ValueError(
-                f"`top_k` ({config.top_k}) must not exceed `experts_per_task` ({config.experts_per_task}): a task "
-                "adding experts routes each token to top_k of them. Lower `top_k` or raise `experts_per_task`."
-            )
         self.cmoe_settings[adapter_name] = config
         self.cmoe_scaling[adapter_name] = config.lora_alpha / config.r
         self.cmoe_experts.setdefault(adapter_name, [])

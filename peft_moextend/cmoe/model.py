@@ -105,9 +105,9 @@ class CMoEModel(ExpertTuner):
 
     def _probe(self, adapter_name: str, config: CMoEConfig, layers: dict[str, CMoELayer], batches) -> dict:
         """Train one probe expert per layer as a temporary task (on a copy of the config: the adapter's own config
-        never holds the probe); return each layer's mean gate on its probe."""
+        never holds the probe; the probe is one expert, routed densely); return each layer's mean gate on it."""
         probe_config = dataclasses.replace(
-            config, experts_per_task=1, tasks=[*config.tasks, {"name": "__probe__", "layers": None}]
+            config, experts_per_task=1, top_k=None, tasks=[*config.tasks, {"name": "__probe__", "layers": None}]
         )
         was_training = self.model.training
         hooks = []
