@@ -196,13 +196,56 @@ class LinearExpertLayer(nn.Module, BaseTunerLayer):
         return self.call_inputs.layer_modality_ids(num_tokens, self.tower_modality, needed, device, self.method_name)
 
 
-def stage_container(layer: nn.Module, name: str, trainable: bool = True) -> nn.ParameterDict:
-    """The per-adapter container `name` of a tuner layer that grows by stages (tasks, modalities), created and
-    declared to PEFT on first use: in `adapter_layer_names` if it trains, else in `other_param_names`."""
-    if not hasattr(layer, name):
-        layer.add_module(name, nn.ParameterDict())
-        if trainable:
-            layer.adapter_layer_names = (*layer.adapter_layer_names, name)
-        else:
-            layer.other_param_names = (*layer.other_param_names, name)
-    return getattr(layer, name)
+class StagedParameters:
+    """Per-adapter tensors of a tuner layer that grows by stages (CMoE tasks, PathWeave modalities): stage k's tensor
+    of kind `kind` lives in the `nn.ParameterDict` `<stage_prefix><kind>_<k>` (keyed by adapter name), declared to
+    PEFT on first use and frozen once a later stage exists. The one place that knows this naming scheme.
+
+    Subclasses set `stage_prefix` (the method's parameter prefix) and call `init_stages()` in `__init__`.
+    """
+
+    stage_prefix: str
+
+    def init_stages(self) -> None:
+        """Per instance: the containers are declared as stages are added (`adapter_layer_names` grows with them)."""
+        self.adapter_layer_names: tuple[str, ...] = ()
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+
+    def stage_name(self, kind: str, k: int) -> str:
+        return f"{self.stage_prefix}{kind}_{k}"
+
+    def add_stage(self, kind: str, k: int, trainable: bool = True) -> nn.ParameterDict:
+        """Stage k's container of `kind`, created on first use: declared in `adapter_layer_names` if it trains,
+        else in `other_param_names` (saved with the adapter, never trained by backprop)."""
+        name = self.stage_name(kind, k)
+        if not hasattr(self, name):
+            self.add_module(name, nn.ParameterDict())
+            if trainable:
+                self.adapter_layer_names = (*self.adapter_layer_names, name)
+            else:
+                self.other_param_names = (*self.other_param_names, name)
+        return getattr(self, name)
+
+    def stage(self, kind: str, k: int, adapter_name: str) -> torch.Tensor | None:
+        """Stage k's tensor of `kind` for `adapter_name`, or None if that stage has none."""
+        container = getattr(self, self.stage_name(kind, k), None)
+        return container[adapter_name] if container is not None and adapter_name in container else None
+
+    def stages(self, kind: str, upto: int, adapter_name: str) -> list[torch.Tensor]:
+        """The tensors of `kind` of stages `0 .. upto - 1` that have one."""
+        found = (self.stage(kind, k, adapter_name) for k in range(upto))
+        return [t for t in found if t is not None]
+
+    def drop_stage(self, kinds: Iterable[str], k: int, adapter_name: str) -> None:
+        """Remove stage k's tensors of `kinds` for `adapter_name` (the containers stay declared)."""
+        for kind in kinds:
+            container = getattr(self, self.stage_name(kind, k), None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+
+    def freeze_before(self, adapter_name: str, k: int, kinds: Iterable[str]) -> None:
+        """Stages `< k` of `kinds` stay frozen for `adapter_name`, whatever `set_adapter` does later (PEFT reads
+        `frozen_peft_weight_names` after every switch)."""
+        kinds = tuple(kinds)
+        names = tuple(self.stage_name(kind, j) for j in range(k) for kind in kinds)
+        self.frozen_peft_weight_names[adapter_name] = names

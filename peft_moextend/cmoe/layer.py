@@ -13,10 +13,13 @@ from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
 from ..routing import RoutedLayer, RoutingRecord
-from ..tuner_utils import LinearExpertLayer, stage_container
+from ..tuner_utils import LinearExpertLayer, StagedParameters
 from .config import CMoEConfig
 from .locator import locate, locator_size, task_scores
 from .router import initial_router, task_gates
+
+_TRAINED_KINDS = ("A", "B", "router")  # per-task tensors trained by backprop
+_FITTED_KINDS = ("locator", "threshold")  # per-task tensors fitted outside backprop (float32, never trained)
 
 
 class TaskSelection:
@@ -53,7 +56,7 @@ class TaskSelection:
         return None if chosen is None else chosen[1]
 
 
-class CMoELayer(LinearExpertLayer, RoutedLayer):
+class CMoELayer(LinearExpertLayer, StagedParameters, RoutedLayer):
     """A linear `base_layer` (frozen) plus, per adapter and task k, optional experts and a router.
 
     Added tensors, in containers keyed by adapter (task k's containers are named with its index, so that every
@@ -66,23 +69,20 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
     """
 
     method_name = "CMoE"
+    stage_prefix = "cmoe_"
 
     def __init__(
         self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs, task_selection: TaskSelection
     ) -> None:
         super().__init__(base_layer, module_name, call_inputs)
         self.task_selection = task_selection
-        self.adapter_layer_names: tuple[str, ...] = ()
+        self.init_stages()
         self.other_param_names: tuple[str, ...] = ("cmoe_scaling", "cmoe_experts", "cmoe_settings", "cmoe_is_locator")
-        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.cmoe_scaling: dict[str, float] = {}
         self.cmoe_experts: dict[str, list[int]] = {}  # adapter -> experts added by each task
         self.cmoe_settings: dict[str, CMoEConfig] = {}
         self.cmoe_is_locator: dict[str, bool] = {}
         self.routing_records: dict[str, RoutingRecord] = {}
-
-    def _container(self, kind: str, task: int) -> nn.ParameterDict:
-        return stage_container(self, f"cmoe_{kind}_{task}", trainable=kind not in ("locator", "threshold"))
 
     def add_adapter(self, adapter_name: str, config: CMoEConfig, is_locator: bool) -> None:
         """Hold adapter `adapter_name` (no task yet); `is_locator`: this is the adapter's first layer."""
@@ -96,46 +96,43 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
         task = len(self.cmoe_experts[adapter_name])
         added = config.experts_per_task if extend else 0
         if added:
-            self._container("A", task)[adapter_name] = nn.Parameter(
+            self.add_stage("A", task)[adapter_name] = nn.Parameter(
                 kaiming_uniform_experts(added, config.r, self.in_features)
             )
-            self._container("B", task)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, added * config.r))
+            self.add_stage("B", task)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, added * config.r))
         self.cmoe_experts[adapter_name].append(added)
         total = sum(self.cmoe_experts[adapter_name])
         if total:
-            self._container("router", task)[adapter_name] = nn.Parameter(
+            self.add_stage("router", task)[adapter_name] = nn.Parameter(
                 initial_router(total, self.in_features, config.top_k)
             )
         self.place_adapter(adapter_name)
-        # earlier tasks stay frozen, whatever set_adapter does later
-        self.frozen_peft_weight_names[adapter_name] = tuple(
-            f"cmoe_{kind}_{k}" for k in range(task) for kind in ("A", "B", "router")
-        )
+        self.freeze_before(adapter_name, task, _TRAINED_KINDS)
         self.set_adapter(self.active_adapters)
 
     def remove_last_task(self, adapter_name: str) -> None:
         """Drop the most recent task of `adapter_name` (used to discard PGKE probes)."""
-        task = len(self.cmoe_experts[adapter_name]) - 1
-        for kind in ("A", "B", "router"):
-            container = getattr(self, f"cmoe_{kind}_{task}", None)
-            if container is not None and adapter_name in container:
-                del container[adapter_name]
+        self.drop_stage(_TRAINED_KINDS, len(self.cmoe_experts[adapter_name]) - 1, adapter_name)
         self.cmoe_experts[adapter_name].pop()
 
     def place_adapter(self, adapter_name: str) -> None:
         super().place_adapter(adapter_name)
-        for name in self.other_param_names:  # density models and thresholds stay float32 on every base
-            if name.startswith(("cmoe_locator_", "cmoe_threshold_")) and adapter_name in getattr(self, name):
-                container = getattr(self, name)
-                container[adapter_name] = nn.Parameter(container[adapter_name].float(), requires_grad=False)
+        for task in range(len(self.cmoe_experts.get(adapter_name, ()))):  # fitted tensors stay float32 on every base
+            for kind in _FITTED_KINDS:
+                fitted = self.stage(kind, task, adapter_name)
+                if fitted is not None:
+                    self.add_stage(kind, task, trainable=False)[adapter_name] = nn.Parameter(
+                        fitted.float(), requires_grad=False
+                    )
 
     def set_locator(self, adapter_name: str, task: int, vector: torch.Tensor) -> None:
         """Store task `task`'s density model (a flat float32 vector, never trained by backprop)."""
-        self._container("locator", task)[adapter_name] = nn.Parameter(vector.float(), requires_grad=False)
+        locators = self.add_stage("locator", task, trainable=False)
+        locators[adapter_name] = nn.Parameter(vector.float(), requires_grad=False)
 
     def set_threshold(self, adapter_name: str, task: int, value: float) -> None:
         """Store the score below which an input is not task `task`'s."""
-        self._container("threshold", task)[adapter_name] = nn.Parameter(
+        self.add_stage("threshold", task, trainable=False)[adapter_name] = nn.Parameter(
             torch.tensor([float(value)], device=self._device()), requires_grad=False
         )
 
@@ -173,14 +170,9 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
     def task_locators(self, adapter_name: str) -> tuple[list[torch.Tensor], list[float | None]]:
         """Every task's density model and rejection threshold (None: the task claims every input)."""
         tasks = len(self.cmoe_settings[adapter_name].tasks)
-        models = [getattr(self, f"cmoe_locator_{k}")[adapter_name] for k in range(tasks)]
-        thresholds = [
-            float(getattr(self, f"cmoe_threshold_{k}")[adapter_name])
-            if adapter_name in getattr(self, f"cmoe_threshold_{k}", {})
-            else None
-            for k in range(tasks)
-        ]
-        return models, thresholds
+        models = [self.stage("locator", k, adapter_name) for k in range(tasks)]
+        thresholds = [self.stage("threshold", k, adapter_name) for k in range(tasks)]
+        return models, [None if t is None else float(t) for t in thresholds]
 
     def _resolve_task_ids(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """Per-sample task index `(b,)`, -1 for the base path: the previous step's in a cached generation, else
@@ -201,7 +193,7 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
             return torch.tensor([tasks.index(n) for n in names], device=x.device)
         if self.training:  # the task being trained
             return torch.full((batch,), len(tasks) - 1, device=x.device)
-        fitted = [k for k in range(len(tasks)) if adapter_name in getattr(self, f"cmoe_locator_{k}", {})]
+        fitted = [k for k in range(len(tasks)) if self.stage("locator", k, adapter_name) is not None]
         if len(fitted) != len(tasks):
             if len(tasks) == 1:
                 return torch.zeros(batch, dtype=torch.long, device=x.device)
@@ -260,9 +252,9 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
     def _task_weights(self, adapter: str, owners: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts of tasks `owners` side by side: A `(e*r, i)`, B `(o, e*r)` (no copy for a single task)."""
         if len(owners) == 1:
-            return getattr(self, f"cmoe_A_{owners[0]}")[adapter], getattr(self, f"cmoe_B_{owners[0]}")[adapter]
-        weight_a = torch.cat([getattr(self, f"cmoe_A_{k}")[adapter] for k in owners])
-        weight_b = torch.cat([getattr(self, f"cmoe_B_{k}")[adapter] for k in owners], dim=1)
+            return self.stage("A", owners[0], adapter), self.stage("B", owners[0], adapter)
+        weight_a = torch.cat([self.stage("A", k, adapter) for k in owners])
+        weight_b = torch.cat([self.stage("B", k, adapter) for k in owners], dim=1)
         return weight_a, weight_b
 
     def _mixture(self, adapter: str, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor | None:
@@ -280,10 +272,9 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
         rank, scaling = self.cmoe_settings[adapter].r, self.cmoe_scaling[adapter]
         delta = None
         for task in tasks_present:
-            routers = getattr(self, f"cmoe_router_{task}", None) if task >= 0 else None
-            if routers is None or adapter not in routers:  # no expert in this layer up to this task
+            router = self.stage("router", task, adapter) if task >= 0 else None
+            if router is None:  # no expert in this layer up to this task
                 continue
-            router = routers[adapter]
             owners = [k for k in range(task + 1) if self.cmoe_experts[adapter][k]]
             weight_a, weight_b = self._task_weights(adapter, owners)
             rows = None if token_task is None else token_task == task

@@ -146,7 +146,7 @@ class CMoEModel(ExpertTuner):
     def _share_hook(adapter_name: str, key: str, shares: dict):
         def hook(layer: CMoELayer, args: tuple, output: torch.Tensor) -> None:
             task = len(layer.cmoe_experts[adapter_name]) - 1
-            router = getattr(layer, f"cmoe_router_{task}")[adapter_name]
+            router = layer.stage("router", task, adapter_name)
             tokens = args[0].reshape(-1, args[0].shape[-1]).to(router.dtype)
             shares[key].append(float(torch.softmax(tokens @ router.T, dim=-1)[:, -1].mean()))
 

@@ -14,7 +14,7 @@ from torch import nn
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
-from ..tuner_utils import LinearExpertLayer, stage_container
+from ..tuner_utils import LinearExpertLayer, StagedParameters
 from .config import PathWeaveConfig
 from .gate import noisy_top_k_gates
 
@@ -29,7 +29,7 @@ class StageOptions(NamedTuple):
     in_adapter_form: str
 
 
-class PathWeaveLayer(LinearExpertLayer):
+class PathWeaveLayer(LinearExpertLayer, StagedParameters):
     """A linear `base_layer` plus, per adapter and modality stage k (the k-th modality added):
 
     `pathweave_down_k` `(r, i)`, `pathweave_up_k` `(o, r)` (zero), `pathweave_scale_k` `(1,)` (one) — the uni-modal
@@ -42,18 +42,15 @@ class PathWeaveLayer(LinearExpertLayer):
     """
 
     method_name = "PathWeave"
+    stage_prefix = "pathweave_"
 
     def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
         super().__init__(base_layer, module_name, call_inputs)
         self.train(base_layer.training)  # a model wrapped in eval mode keeps its deterministic (noise-free) gate
-        self.adapter_layer_names: tuple[str, ...] = ()
+        self.init_stages()
         self.other_param_names: tuple[str, ...] = ("pathweave_modalities", "pathweave_options")
-        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self.pathweave_modalities: dict[str, list[str]] = {}
         self.pathweave_options: dict[str, StageOptions] = {}
-
-    def _container(self, kind: str, stage: int) -> nn.ParameterDict:
-        return stage_container(self, f"pathweave_{kind}_{stage}")
 
     def add_modality(self, adapter_name: str, modality: str, config: PathWeaveConfig) -> None:
         """Stage k = the next modality: freeze stages < k, add its adapter, in-adapters and gate."""
@@ -62,50 +59,48 @@ class PathWeaveLayer(LinearExpertLayer):
             config.noisy_gate, config.gate_top_k, config.in_adapter_form
         )
         stage, r = len(modalities), config.r
-        self._container("down", stage)[adapter_name] = nn.Parameter(kaiming_uniform_experts(1, r, self.in_features))
-        self._container("up", stage)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
-        self._container("scale", stage)[adapter_name] = nn.Parameter(torch.ones(1))
+        self.add_stage("down", stage)[adapter_name] = nn.Parameter(kaiming_uniform_experts(1, r, self.in_features))
+        self.add_stage("up", stage)[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        self.add_stage("scale", stage)[adapter_name] = nn.Parameter(torch.ones(1))
         if stage:
             if config.in_adapter_form == "replace":  # nn.Linear(r, r)'s default init, one per older adapter
                 weight = kaiming_uniform_experts(stage, r, r).reshape(stage, r, r)
                 bias = torch.empty(stage, r).uniform_(-(r**-0.5), r**-0.5)
-                self._container("inadapter_bias", stage)[adapter_name] = nn.Parameter(bias)
+                self.add_stage("inadapter_bias", stage)[adapter_name] = nn.Parameter(bias)
             else:
                 weight = torch.zeros(stage, r, r)
-            self._container("inadapter", stage)[adapter_name] = nn.Parameter(weight)
-            self._container("gate", stage)[adapter_name] = nn.Parameter(torch.zeros(stage + 1, self.in_features))
+            self.add_stage("inadapter", stage)[adapter_name] = nn.Parameter(weight)
+            self.add_stage("gate", stage)[adapter_name] = nn.Parameter(torch.zeros(stage + 1, self.in_features))
             if config.noisy_gate:
-                self._container("noise", stage)[adapter_name] = nn.Parameter(torch.zeros(stage + 1, self.in_features))
+                self.add_stage("noise", stage)[adapter_name] = nn.Parameter(torch.zeros(stage + 1, self.in_features))
         modalities.append(modality)
         self.place_adapter(adapter_name)
-        self.frozen_peft_weight_names[adapter_name] = tuple(
-            f"pathweave_{kind}_{k}" for k in range(stage) for kind in _KINDS
-        )
+        self.freeze_before(adapter_name, stage, _KINDS)
         self.set_adapter(self.active_adapters)
 
     def _stage_delta(self, adapter: str, stage: int, x: torch.Tensor) -> torch.Tensor:
         """`(t, o)` output of modality stage `stage` for its tokens `x` `(t, i)`."""
         if not stage:  # the first stage is a plain low-rank adapter: two matmuls, nothing stacked
-            down, up = self.pathweave_down_0[adapter], self.pathweave_up_0[adapter]
+            down, up = self.stage("down", 0, adapter), self.stage("up", 0, adapter)
             x = self._cast_input_dtype(x, down.dtype)
-            return F.linear(F.linear(x, down), up) * self.pathweave_scale_0[adapter]
+            return F.linear(F.linear(x, down), up) * self.stage("scale", 0, adapter)
         options = self.pathweave_options[adapter]
-        downs = torch.stack([getattr(self, f"pathweave_down_{k}")[adapter] for k in range(stage + 1)])  # (a, r, i)
-        ups = torch.stack([getattr(self, f"pathweave_up_{k}")[adapter] for k in range(stage + 1)])  # (a, o, r)
-        scales = torch.cat([getattr(self, f"pathweave_scale_{k}")[adapter] for k in range(stage + 1)])  # (a,)
+        downs = torch.stack(self.stages("down", stage + 1, adapter))  # (a, r, i)
+        ups = torch.stack(self.stages("up", stage + 1, adapter))  # (a, o, r)
+        scales = torch.cat(self.stages("scale", stage + 1, adapter))  # (a,)
         x = self._cast_input_dtype(x, downs.dtype)
         hidden = torch.einsum("ti,ari->tar", x, downs)  # (t, a, r)
-        inadapters = getattr(self, f"pathweave_inadapter_{stage}")[adapter]  # (a-1, r, r)
+        inadapters = self.stage("inadapter", stage, adapter)  # (a-1, r, r)
         old = hidden[:, :stage]
         mapped = torch.einsum("tar,aqr->taq", old, inadapters)
         if options.in_adapter_form == "replace":
-            mapped = mapped + getattr(self, f"pathweave_inadapter_bias_{stage}")[adapter]
+            mapped = mapped + self.stage("inadapter_bias", stage, adapter)
         else:
             mapped = old + mapped
         hidden = torch.cat([mapped, hidden[:, stage:]], dim=1)
         out = torch.einsum("tar,aor->tao", hidden, ups) * scales[None, :, None]  # (t, a, o)
-        noise = getattr(self, f"pathweave_noise_{stage}")[adapter] if options.noisy_gate else None
-        gate = getattr(self, f"pathweave_gate_{stage}")[adapter]
+        noise = self.stage("noise", stage, adapter) if options.noisy_gate else None
+        gate = self.stage("gate", stage, adapter)
         gates = noisy_top_k_gates(x, gate, noise, options.gate_top_k, self.training)  # (t, a)
         return (gates.unsqueeze(-1) * out).sum(1)
 
