@@ -35,7 +35,7 @@ test: install
 bench: install
 	$(PY) benchmarks/moextend_overhead.py
 	$(PY) benchmarks/smola_overhead.py
-	$(PY) benchmarks/continual_cmoe.py
+	$(PY) -m benchmarks.continual.synthetic
 	$(PY) benchmarks/adapter_overhead.py
 
 bench-continual: install data

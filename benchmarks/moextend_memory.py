@@ -43,9 +43,10 @@ GIB = 1024**3
 # -- part 1: measured ---------------------------------------------------------------------------------------------
 def build_model(name: str, folder: Path) -> None:
     """Write model `name` (float32) to `folder` with `save_pretrained`."""
+    from smollm2 import load_smollm2
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from peft_moextend.upcycling import load_smollm2, upcycle_llama_to_mixtral
+    from peft_moextend.upcycling import upcycle_llama_to_mixtral
 
     if name == "smollm2_moe":
         dense, _ = load_smollm2()

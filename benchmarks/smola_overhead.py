@@ -32,7 +32,7 @@ def naive_forward(self, x, *args, **kwargs):
         delta = delta + gates[:, expert : expert + 1] * F.linear(
             F.linear(tokens, weight_a[expert]), weight_b[:, expert]
         )
-    return result + (delta * self.smola_scaling[adapter]).reshape(*x.shape[:-1], -1)
+    return result + (delta * settings.scaling).reshape(*x.shape[:-1], -1)
 
 
 def run_variant(variant: str, experts: int, args: argparse.Namespace) -> dict:

@@ -9,7 +9,7 @@
 4. It prints trainable vs total parameters, the adapter file size, digit accuracy before/after, and checks that a
    text-only prompt gets exactly the same logits and answer as before.
 
-    python examples/moextend_demo.py [--train-size 800] [--epochs 1] [--output-dir outputs/moextend_demo]
+    python -m examples.moextend_demo [--train-size 800] [--epochs 1] [--output-dir outputs/moextend_demo]
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from peft import get_peft_model
 from sklearn.datasets import load_digits
 from transformers import Trainer, TrainingArguments
 
+from benchmarks.smollm2 import load_smollm2
 from peft_moextend import MoExtendConfig
 from peft_moextend.modality import modality_index
-from peft_moextend.upcycling import load_smollm2, upcycle_llama_to_mixtral
+from peft_moextend.upcycling import upcycle_llama_to_mixtral
 
 ASCII_LEVELS = " .:#"  # 4 grey levels for pixel values 0..16
 QUESTION = "\nWhich digit is drawn above? Answer: "

@@ -22,14 +22,14 @@ from .moextend import (  # noqa: E402
     tune_routers_and_plan,
 )
 from .pathweave import PathWeaveConfig, PathWeaveModel  # noqa: E402
-from .registration import MoExtendPeftType, register_method  # noqa: E402
+from .registration import METHODS, ExpertMethod, ExpertPeftType, MoExtendPeftType, register_method  # noqa: E402
 from .smola import SMoLAConfig, SMoLAModel  # noqa: E402
 
-register_method(MoExtendPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
-register_method(MoExtendPeftType.SMOLA, SMoLAConfig, SMoLAModel)
-register_method(MoExtendPeftType.CMOE, CMoEConfig, CMoEModel)
-register_method(MoExtendPeftType.MODEX, ModeXConfig, ModeXModel)
-register_method(MoExtendPeftType.PATHWEAVE, PathWeaveConfig, PathWeaveModel)
+register_method(ExpertPeftType.MOEXTEND, MoExtendConfig, MoExtendModel)
+register_method(ExpertPeftType.SMOLA, SMoLAConfig, SMoLAModel)
+register_method(ExpertPeftType.CMOE, CMoEConfig, CMoEModel)
+register_method(ExpertPeftType.MODEX, ModeXConfig, ModeXModel)
+register_method(ExpertPeftType.PATHWEAVE, PathWeaveConfig, PathWeaveModel)
 install_push_to_hub()
 
 __version__ = "0.1.0"
@@ -46,6 +46,9 @@ __all__ = [
     "ExtensionPlan",
     "MoExtendConfig",
     "MoExtendModel",
+    "ExpertMethod",
+    "ExpertPeftType",
+    "METHODS",
     "MoExtendPeftType",
     "measure_expert_usage",
     "plan_extension",

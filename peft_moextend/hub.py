@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi
 from peft import PeftModel
 
-from .registration import MoExtendPeftType
+from .registration import ExpertPeftType
 
 
 def push_adapter_to_hub(
@@ -63,7 +63,7 @@ def install_push_to_hub() -> None:
 
     @functools.wraps(original)
     def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if self.peft_config[self.active_adapter].peft_type in tuple(MoExtendPeftType):
+        if self.peft_config[self.active_adapter].peft_type in tuple(ExpertPeftType):
             return push_adapter_to_hub(self, repo_id, *args, **kwargs)
         return original(self, repo_id, *args, **kwargs)
 

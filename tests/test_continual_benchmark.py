@@ -344,3 +344,20 @@ def test_quick_benchmark_end_to_end(tmp_path):
     for result in results["methods"].values():
         assert [len(row) for row in result["accuracy"]] == list(range(1, len(results["tasks"]) + 1))
     assert {"accuracy_matrices.png", "forgetting.png", "report.md"} <= {p.name for p in output.iterdir()}
+
+
+def test_synthetic_mode_oracle_keeps_earlier_tasks_exactly_and_sequential_lora_forgets():
+    from benchmarks.continual import synthetic
+
+    tasks = synthetic.make_tasks()
+    batch = synthetic.make_batch(tasks["A"], size=4, seed=0)
+    assert torch.equal(batch["labels"][:, 1::2], batch["input_ids"][:, 1::2])  # only the answers are scored
+    assert (batch["labels"][:, ::2] == -100).all()
+    oracle = synthetic.run("oracle_lora", tasks, steps=60)
+    sequential = synthetic.run("sequential_lora", tasks, steps=60)
+    # each task keeps its own adapter: what it learned is never overwritten, so its accuracy never changes
+    assert [row[0] for row in oracle["matrix"]] == [oracle["matrix"][0][0]] * 3 and oracle["backward_transfer"] == 0
+    assert oracle["average_accuracy"] == 1.0 and oracle["trainable_per_task"] == [16_384] * 3
+    # one shared adapter: the later tasks overwrite the first one
+    assert sequential["matrix"][0][0] == 1.0 and sequential["matrix"][2][0] < 0.5
+    assert sequential["backward_transfer"] == summary(sequential["matrix"])["backward_transfer"] < -0.5

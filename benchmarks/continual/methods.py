@@ -166,5 +166,5 @@ METHODS: dict[str, Method] = {
 
 def missing_methods() -> list[str]:
     """Methods of the issue's list that this package does not register (reported, never faked)."""
-    registered = {t.value.lower() for t in peft_moextend.MoExtendPeftType}
+    registered = {method.name.lower() for method in peft_moextend.METHODS.values()}
     return [m for m in ("moextend", "smola", "cmoe", "pathweave", "modex") if m not in registered]

@@ -23,8 +23,9 @@ from transformers import (
 )
 
 from peft_moextend.modality import modality_index
-from peft_moextend.upcycling import load_smollm2, upcycle_llama_to_mixtral
+from peft_moextend.upcycling import upcycle_llama_to_mixtral
 
+from ..smollm2 import load_smollm2
 from .data import IMAGE_SIZE, NUM_FRAMES, NUM_MEL_BINS, Task
 
 IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"

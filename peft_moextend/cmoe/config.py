@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import MoExtendPeftType
+from ..registration import ExpertPeftType
 
 LOCATORS = ("vae", "gaussian", "mahalanobis")
 LOCATOR_FEATURES = ("mean", "by_modality")
@@ -94,7 +94,7 @@ class CMoEConfig(ExpertConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = MoExtendPeftType.CMOE
+        self.peft_type = ExpertPeftType.CMOE
         for option in ("r", "experts_per_task", "probe_steps", "locator_latent_size", "locator_epochs"):
             value = getattr(self, option)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if option == "probe_steps" else 1):

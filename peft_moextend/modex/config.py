@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import MoExtendPeftType
+from ..registration import ExpertPeftType
 
 ROUTINGS = ("modality_masks", "paper")
 
@@ -62,7 +62,7 @@ class ModeXConfig(ExpertConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = MoExtendPeftType.MODEX
+        self.peft_type = ExpertPeftType.MODEX
         if (
             not isinstance(self.bottleneck_size, int)
             or isinstance(self.bottleneck_size, bool)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..registration import METHODS, ExpertPeftType
 from ..targets import default_language_model_targets
 from ..tuner_utils import ExpertTuner
 from .config import ModeXConfig
@@ -26,9 +27,9 @@ class ModeXModel(ExpertTuner):
     from the placeholder tokens or an explicit `modality_ids` (see `peft_moextend.call_inputs`).
     """
 
-    prefix: str = "modex_"
+    prefix: str = METHODS[ExpertPeftType.MODEX].prefix
     tuner_layer_cls = (ModeXLayer, ModeXNormLayer)
-    method_name = "ModeX"
+    method_name = METHODS[ExpertPeftType.MODEX].name
     merge_refusal = "the serial adapter is non-linear (ReLU bottleneck, per-token coordinator weights)."
 
     def _default_target_modules(self, model: nn.Module) -> str:

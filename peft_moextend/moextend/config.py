@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import MoExtendPeftType
+from ..registration import ExpertPeftType
 
 EXPERT_INIT_MODES = ("expert_0_until_measured", "zeros")
 DEPRECATED_EXPERT_INIT_MODES = {"most_used": "expert_0_until_measured"}
@@ -104,7 +104,7 @@ class MoExtendConfig(ExpertConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = MoExtendPeftType.MOEXTEND
+        self.peft_type = ExpertPeftType.MOEXTEND
         if not isinstance(self.num_new_experts, int) or self.num_new_experts < 1:
             raise ValueError(f"`num_new_experts` must be an integer >= 1, got {self.num_new_experts!r}.")
         if self.new_expert_rank is not None and (

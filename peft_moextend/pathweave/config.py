@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import MoExtendPeftType
+from ..registration import ExpertPeftType
 
 IN_ADAPTER_FORMS = ("residual", "replace")
 
@@ -59,7 +59,7 @@ class PathWeaveConfig(ExpertConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = MoExtendPeftType.PATHWEAVE
+        self.peft_type = ExpertPeftType.PATHWEAVE
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
         self.modalities = list(validate_modalities(self.modalities, "modalities"))

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import MODALITIES
-from ..registration import MoExtendPeftType
+from ..registration import METHODS, ExpertPeftType
 
 MULTIMODAL = "multimodal"
 ROUTERS = ("soft", "top_k")
@@ -41,7 +41,7 @@ class SMoLAConfig(ExpertConfig):
         router_aux_loss_coef: Load-balancing loss coefficient for `router="top_k"` (0 disables; unused for "soft").
     """
 
-    method_name: ClassVar[str] = "SMoLA"
+    method_name: ClassVar[str] = METHODS[ExpertPeftType.SMOLA].name
 
     r: int = field(default=4, metadata={"help": "Rank of every low-rank expert."})
     expert_groups: dict[str, int] = field(
@@ -62,7 +62,7 @@ class SMoLAConfig(ExpertConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = MoExtendPeftType.SMOLA
+        self.peft_type = ExpertPeftType.SMOLA
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
         if not isinstance(self.expert_groups, dict) or not self.expert_groups:

@@ -29,7 +29,7 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
 
     method_name = "SMoLA expert groups"
     adapter_layer_names = ("smola_A", "smola_B", "smola_router")
-    other_param_names = ("smola_scaling", "smola_dropout", "smola_settings")
+    other_param_names = ("smola_dropout", "smola_settings")
 
     def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
         super().__init__(base_layer, module_name, call_inputs)
@@ -37,7 +37,6 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
         self.smola_B = nn.ParameterDict()
         self.smola_router = nn.ParameterDict()
         self.smola_dropout = nn.ModuleDict()
-        self.smola_scaling: dict[str, float] = {}
         self.smola_settings: dict[str, _GroupSettings] = {}
         self.routing_records = {}
 
@@ -47,7 +46,6 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
         self.smola_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, num_experts * rank))
         self.smola_router[adapter_name] = nn.Parameter(torch.randn(num_experts, self.in_features) * 0.02)
         self.smola_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.smola_scaling[adapter_name] = config.lora_alpha / rank
         self.smola_settings[adapter_name] = _GroupSettings(config)
         self.place_adapter(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -78,7 +76,7 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
                 )
             hidden = F.linear(self.smola_dropout[adapter](inputs), weight_a)  # (t, e*r)
             hidden = (hidden.view(-1, gates.shape[-1], settings.rank) * gates.unsqueeze(-1)).flatten(1)
-            delta = F.linear(hidden, weight_b) * self.smola_scaling[adapter]  # (t, o)
+            delta = F.linear(hidden, weight_b) * settings.scaling  # (t, o)
             result = result + delta.reshape(*x.shape[:-1], -1).to(result.dtype)
         return result
 
@@ -87,11 +85,13 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
 
 
 class _GroupSettings:
-    """Per-adapter routing constants: which group each expert belongs to and which modality each group serves."""
+    """Per-adapter constants (all of them: one record per adapter, `smola_settings[adapter]`): the LoRA scaling, the
+    router's settings, which group each expert belongs to and which modality each group serves."""
 
     def __init__(self, config: SMoLAConfig) -> None:
         groups = list(config.expert_groups)
         self.rank = config.r
+        self.scaling = config.lora_alpha / config.r
         self.num_groups = len(groups)
         self.top_k = config.top_k if config.router == "top_k" else None
         self.temperature = config.router_temperature

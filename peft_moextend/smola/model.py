@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import ExpertTuner
 from .config import SMoLAConfig
 from .layer import SMoLALayer
@@ -19,9 +20,9 @@ class SMoLAModel(ExpertTuner):
     `peft_moextend.call_inputs`); modules inside a vision/audio tower treat all their tokens as that modality.
     """
 
-    prefix: str = "smola_"
+    prefix: str = METHODS[ExpertPeftType.SMOLA].prefix
     tuner_layer_cls = SMoLALayer
-    method_name = "SMoLA"
+    method_name = METHODS[ExpertPeftType.SMOLA].name
     merge_refusal = (
         "the mixture weights depend on each token (router and modality groups), so no single weight update equals "
         "the adapter."

@@ -17,7 +17,7 @@ from tiny_models import MOE_FAMILIES, make_inputs, make_tiny_moe
 from tiny_vlms import AUDIO_FAMILIES, VLM_FAMILIES, make_tiny_vlm, make_vlm_inputs
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from peft_moextend import CMoEConfig, ModeXConfig, MoExtendConfig, MoExtendPeftType, PathWeaveConfig, SMoLAConfig
+from peft_moextend import METHODS, CMoEConfig, ExpertPeftType, ModeXConfig, MoExtendConfig, PathWeaveConfig, SMoLAConfig
 
 
 def make_llama(seed: int = 0) -> PreTrainedModel:
@@ -85,7 +85,7 @@ class MethodCase:
     """How the conformance suite exercises one method."""
 
     name: str
-    peft_type: MoExtendPeftType
+    peft_type: ExpertPeftType
     families: tuple[str, ...]
     text_family: str
     vision_family: str
@@ -103,7 +103,7 @@ class MethodCase:
 
     @property
     def prefix(self) -> str:
-        return f"{self.peft_type.value.lower()}_"
+        return METHODS[self.peft_type].prefix
 
     def __str__(self) -> str:
         return self.name
@@ -296,7 +296,7 @@ _PATHWEAVE_OPTIONS = st.fixed_dictionaries(
 CASES: tuple[MethodCase, ...] = (
     MethodCase(
         name="moextend",
-        peft_type=MoExtendPeftType.MOEXTEND,
+        peft_type=ExpertPeftType.MOEXTEND,
         families=MOE_FAMILIES,
         text_family="mixtral",
         vision_family="llava_mixtral",
@@ -309,7 +309,7 @@ CASES: tuple[MethodCase, ...] = (
     ),
     MethodCase(
         name="smola",
-        peft_type=MoExtendPeftType.SMOLA,
+        peft_type=ExpertPeftType.SMOLA,
         families=("llama", *VLM_FAMILIES, "mixtral"),
         text_family="llama",
         vision_family="llava",
@@ -321,7 +321,7 @@ CASES: tuple[MethodCase, ...] = (
     ),
     MethodCase(
         name="cmoe",
-        peft_type=MoExtendPeftType.CMOE,
+        peft_type=ExpertPeftType.CMOE,
         families=("llama", "llava", "qwen2_vl", "mixtral"),
         text_family="llama",
         vision_family="llava",
@@ -333,7 +333,7 @@ CASES: tuple[MethodCase, ...] = (
     ),
     MethodCase(
         name="modex",
-        peft_type=MoExtendPeftType.MODEX,
+        peft_type=ExpertPeftType.MODEX,
         families=("llama", "llava", "qwen2_vl", "mixtral"),
         text_family="llama",
         vision_family="llava",
@@ -345,7 +345,7 @@ CASES: tuple[MethodCase, ...] = (
     ),
     MethodCase(
         name="pathweave",
-        peft_type=MoExtendPeftType.PATHWEAVE,
+        peft_type=ExpertPeftType.PATHWEAVE,
         families=("llama", "llava", "qwen2_vl", "mixtral"),
         text_family="llama",
         vision_family="llava",

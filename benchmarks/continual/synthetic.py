@@ -1,12 +1,16 @@
-"""Continual learning on three synthetic tasks: CMoE vs sequential LoRA (forgets) vs one LoRA per task with an
-oracle task id (upper bound), measured in the same run.
+"""The continual benchmark's synthetic, data-free mode: CMoE vs sequential LoRA (forgets) vs one LoRA per task with
+an oracle task id (upper bound) on three synthetic tasks, in seconds, with no weights or data to install.
 
 Each task maps its own input tokens to answer tokens through its own random lookup table; sequences alternate
 `x1 y1 x2 y2 ...` and only the answers are trained and scored (next-token accuracy). Inputs of the three tasks come
 from disjoint token ranges and all tasks answer in the same shared range, so one shared adapter has to overwrite
 what earlier tasks wrote. The base model is a frozen tiny Llama (hidden 64, 2 layers) built from a config.
 
-    python benchmarks/continual_cmoe.py [--steps 150] [--json results.json]
+It measures what the real-data run (`python -m benchmarks.continual --methods sequential_lora oracle_lora cmoe`)
+measures -- accuracy matrix, average accuracy and backward transfer (`report.summary`), trainable parameters per
+task, CMoE's locator accuracy and PGKE's extended layers -- on tasks CPU CI can learn in seconds.
+
+    python -m benchmarks.continual.synthetic [--steps 150] [--json results.json]
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_moextend
 
+from .report import summary
+
 ANSWERS = range(3, 35)  # shared answer tokens
 TASK_INPUTS = {"A": range(35, 66), "B": range(66, 97), "C": range(97, 128)}
 PAIRS = 8
+METHODS = ("sequential_lora", "oracle_lora", "cmoe")  # the names of `benchmarks.continual.methods.METHODS`
 
 
 def make_tasks(seed: int = 0) -> dict[str, dict[int, int]]:
@@ -89,16 +96,16 @@ def run(method: str, tasks: dict, steps: int) -> dict:
     lora = LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    if method == "lora_sequential":
+    if method == "sequential_lora":
         model = get_peft_model(base_model(), lora)
-    elif method == "lora_oracle":
+    elif method == "oracle_lora":
         model = get_peft_model(base_model(), lora, adapter_name=names[0])
     else:
         config = peft_moextend.CMoEConfig(r=8, experts_per_task=2, lora_alpha=16, locator="vae", probe_steps=20)
         model = get_peft_model(base_model(), config)
     for stage, name in enumerate(names):
         table = tasks[name]
-        if method == "lora_oracle":
+        if method == "oracle_lora":
             if stage:
                 model.add_adapter(name, lora)
             model.set_adapter(name)
@@ -112,22 +119,20 @@ def run(method: str, tasks: dict, steps: int) -> dict:
             model.base_model.fit_locator(name, [make_batch(table, 32, seed=70_000 + i) for i in range(4)])
         row = []
         for other in names[: stage + 1]:
-            if method == "lora_oracle":
+            if method == "oracle_lora":
                 model.set_adapter(other)
             row.append(accuracy(model, tasks[other]))  # CMoE: no task given, the locator routes every sample
-        if method == "lora_oracle":
+        if method == "oracle_lora":
             model.set_adapter(name)
-        matrix.append(row + [None] * (len(names) - stage - 1))
+        matrix.append(row)
     if method == "cmoe":
         held_out = {n: model.base_model.locate([make_batch(t, 64, seed=123)]) for n, t in tasks.items()}
         locator_accuracy = sum(p == n for n, preds in held_out.items() for p in preds) / sum(
             map(len, held_out.values())
         )
-    final = matrix[-1]
     return {
         "matrix": matrix,
-        "average_accuracy": sum(final) / len(final),
-        "backward_transfer": sum(final[j] - matrix[j][j] for j in range(len(names) - 1)) / (len(names) - 1),
+        **summary(matrix),
         "trainable_per_task": per_task_params,
         "locator_accuracy": locator_accuracy,
         "extended_layers_per_task": extended,
@@ -141,13 +146,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     tasks = make_tasks()
-    results = {m: run(m, tasks, args.steps) for m in ("lora_sequential", "lora_oracle", "cmoe")}
+    results = {m: run(m, tasks, args.steps) for m in METHODS}
     names = list(tasks)
     for method, r in results.items():
         print(f"\n{method}: accuracy of task (column) after training stage (row)")
         print("stage " + "".join(f"{n:>8}" for n in names))
         for name, row in zip(names, r["matrix"]):
-            print(f"{name:<6}" + "".join(f"{v:>8.3f}" if v is not None else f"{'':>8}" for v in row))
+            print(f"{name:<6}" + "".join(f"{v:>8.3f}" for v in row))
     print(f"\n{'method':<17}{'avg acc':>9}{'BWT':>9}{'locator':>9}  trainable params per task")
     for method, r in results.items():
         locator = f"{r['locator_accuracy']:.3f}" if r["locator_accuracy"] is not None else "-"
