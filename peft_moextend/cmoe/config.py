@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import ExpertPeftType
+from ..registration import METHODS, ExpertPeftType
 
 LOCATORS = ("vae", "gaussian", "mahalanobis")
 LOCATOR_FEATURES = ("mean", "by_modality")
@@ -62,7 +62,7 @@ class CMoEConfig(ExpertConfig):
             with the adapter so that loading rebuilds every task.
     """
 
-    method_name: ClassVar[str] = "CMoE"
+    method_name: ClassVar[str] = METHODS[ExpertPeftType.CMOE].name
 
     r: int = field(default=8, metadata={"help": "Rank of every expert."})
     experts_per_task: int = field(default=2, metadata={"help": "Experts a task adds to each layer it extends."})

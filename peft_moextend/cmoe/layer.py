@@ -12,6 +12,7 @@ from torch import nn
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
+from ..registration import METHODS, ExpertPeftType
 from ..routing import RoutedLayer, RoutingRecord
 from ..tuner_utils import LinearExpertLayer, StagedParameters
 from .config import CMoEConfig
@@ -68,8 +69,8 @@ class CMoELayer(LinearExpertLayer, StagedParameters, RoutedLayer):
     load-balancing loss (`routing_records`, keyed `"<adapter>/task<k>"`: one record per task present in the call).
     """
 
-    method_name = "CMoE"
-    stage_prefix = "cmoe_"
+    method_name = METHODS[ExpertPeftType.CMOE].name
+    stage_prefix = METHODS[ExpertPeftType.CMOE].prefix
 
     def __init__(
         self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs, task_selection: TaskSelection

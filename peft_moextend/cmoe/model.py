@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import ExpertTuner
 from .config import CMoEConfig
 from .layer import CMoELayer, TaskSelection
@@ -35,9 +36,9 @@ class CMoEModel(ExpertTuner):
     `task="name"` (or one name per sample); without it, the locator picks each sample's task.
     """
 
-    prefix: str = "cmoe_"
+    prefix: str = METHODS[ExpertPeftType.CMOE].prefix
     tuner_layer_cls = CMoELayer
-    method_name = "CMoE"
+    method_name = METHODS[ExpertPeftType.CMOE].name
     merge_refusal = "each sample is routed to its own task's experts, so no single weight update equals the adapter."
 
     def _pre_injection_hook(self, model: nn.Module, config: CMoEConfig, adapter_name: str) -> None:

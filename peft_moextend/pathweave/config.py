@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import ExpertPeftType
+from ..registration import METHODS, ExpertPeftType
 
 IN_ADAPTER_FORMS = ("residual", "replace")
 
@@ -38,7 +38,7 @@ class PathWeaveConfig(ExpertConfig):
             PyTorch's default initialisation) in place of the bottleneck.
     """
 
-    method_name: ClassVar[str] = "PathWeave"
+    method_name: ClassVar[str] = METHODS[ExpertPeftType.PATHWEAVE].name
 
     r: int = field(default=8, metadata={"help": "Rank of every uni-modal adapter."})
     modalities: list[str] = field(default_factory=lambda: ["image"], metadata={"help": "Modalities, in order."})

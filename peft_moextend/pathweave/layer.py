@@ -14,6 +14,7 @@ from torch import nn
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
+from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import LinearExpertLayer, StagedParameters
 from .config import PathWeaveConfig
 from .gate import noisy_top_k_gates
@@ -41,8 +42,8 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
     text tokens get nothing.
     """
 
-    method_name = "PathWeave"
-    stage_prefix = "pathweave_"
+    method_name = METHODS[ExpertPeftType.PATHWEAVE].name
+    stage_prefix = METHODS[ExpertPeftType.PATHWEAVE].prefix
 
     def __init__(self, base_layer: nn.Module, module_name: str, call_inputs: CallInputs) -> None:
         super().__init__(base_layer, module_name, call_inputs)

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tu
 from torch import nn
 
 from ..modality import validate_modalities
+from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import ExpertTuner
 from .config import PathWeaveConfig
 from .layer import PathWeaveLayer
@@ -23,9 +24,9 @@ class PathWeaveModel(ExpertTuner):
     their modality (shared modality masks); text tokens keep the base computation.
     """
 
-    prefix: str = "pathweave_"
+    prefix: str = METHODS[ExpertPeftType.PATHWEAVE].prefix
     tuner_layer_cls = PathWeaveLayer
-    method_name = "PathWeave"
+    method_name = METHODS[ExpertPeftType.PATHWEAVE].name
     merge_refusal = "each modality's tokens take their own gated path, so no single weight update equals the adapter."
 
     def _create_and_replace(
