@@ -319,7 +319,7 @@ def test_options_do_not_leak_between_adapters():
         "other", PathWeaveConfig(r=2, modalities=["image", "audio"], in_adapter_form="replace", noisy_gate=False)
     )
     layer = next(m for m in peft_model.modules() if isinstance(m, PathWeaveLayer))
-    assert layer.pathweave_options["default"] == (True, None, "residual")
-    assert layer.pathweave_options["other"] == (False, None, "replace")
+    assert layer.pathweave_settings["default"] == (True, None, "residual")
+    assert layer.pathweave_settings["other"] == (False, None, "replace")
     assert "other" in layer.pathweave_inadapter_bias_1 and "default" not in layer.pathweave_inadapter_bias_1
     assert "default" in layer.pathweave_noise_1 and "other" not in layer.pathweave_noise_1

@@ -78,17 +78,15 @@ class CMoELayer(LinearExpertLayer, StagedParameters, RoutedLayer):
         super().__init__(base_layer, module_name, call_inputs)
         self.task_selection = task_selection
         self.init_stages()
-        self.other_param_names: tuple[str, ...] = ("cmoe_scaling", "cmoe_experts", "cmoe_settings", "cmoe_is_locator")
-        self.cmoe_scaling: dict[str, float] = {}
+        self.other_param_names: tuple[str, ...] = ("cmoe_settings", "cmoe_experts", "cmoe_is_locator")
+        self.cmoe_settings: dict[str, CMoEConfig] = {}  # adapter -> its settings (PGKE swaps in a probe's copy)
         self.cmoe_experts: dict[str, list[int]] = {}  # adapter -> experts added by each task
-        self.cmoe_settings: dict[str, CMoEConfig] = {}
         self.cmoe_is_locator: dict[str, bool] = {}
         self.routing_records: dict[str, RoutingRecord] = {}
 
     def add_adapter(self, adapter_name: str, config: CMoEConfig, is_locator: bool) -> None:
         """Hold adapter `adapter_name` (no task yet); `is_locator`: this is the adapter's first layer."""
         self.cmoe_settings[adapter_name] = config
-        self.cmoe_scaling[adapter_name] = config.lora_alpha / config.r
         self.cmoe_experts.setdefault(adapter_name, [])
         self.cmoe_is_locator[adapter_name] = is_locator
 
@@ -270,7 +268,8 @@ class CMoELayer(LinearExpertLayer, StagedParameters, RoutedLayer):
             if eligible is not None:
                 token_task = torch.where(eligible, token_task, -1)  # -1: no task's experts
             tasks_present = torch.unique(token_task).tolist()
-        rank, scaling = self.cmoe_settings[adapter].r, self.cmoe_scaling[adapter]
+        config = self.cmoe_settings[adapter]
+        rank, scaling = config.r, config.lora_alpha / config.r
         delta = None
         for task in tasks_present:
             router = self.stage("router", task, adapter) if task >= 0 else None

@@ -22,7 +22,7 @@ from .gate import noisy_top_k_gates
 _KINDS = ("down", "up", "scale", "inadapter", "inadapter_bias", "gate", "noise")
 
 
-class StageOptions(NamedTuple):
+class PathWeaveSettings(NamedTuple):
     """An adapter's gate and in-adapter settings (see `PathWeaveConfig`)."""
 
     noisy_gate: bool
@@ -49,14 +49,14 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
         super().__init__(base_layer, module_name, call_inputs)
         self.train(base_layer.training)  # a model wrapped in eval mode keeps its deterministic (noise-free) gate
         self.init_stages()
-        self.other_param_names: tuple[str, ...] = ("pathweave_modalities", "pathweave_options")
+        self.other_param_names: tuple[str, ...] = ("pathweave_modalities", "pathweave_settings")
         self.pathweave_modalities: dict[str, list[str]] = {}
-        self.pathweave_options: dict[str, StageOptions] = {}
+        self.pathweave_settings: dict[str, PathWeaveSettings] = {}
 
     def add_modality(self, adapter_name: str, modality: str, config: PathWeaveConfig) -> None:
         """Stage k = the next modality: freeze stages < k, add its adapter, in-adapters and gate."""
         modalities = self.pathweave_modalities.setdefault(adapter_name, [])
-        self.pathweave_options[adapter_name] = StageOptions(
+        self.pathweave_settings[adapter_name] = PathWeaveSettings(
             config.noisy_gate, config.gate_top_k, config.in_adapter_form
         )
         stage, r = len(modalities), config.r
@@ -85,7 +85,7 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
             down, up = self.stage("down", 0, adapter), self.stage("up", 0, adapter)
             x = self._cast_input_dtype(x, down.dtype)
             return F.linear(F.linear(x, down), up) * self.stage("scale", 0, adapter)
-        options = self.pathweave_options[adapter]
+        options = self.pathweave_settings[adapter]
         downs = torch.stack(self.stages("down", stage + 1, adapter))  # (a, r, i)
         ups = torch.stack(self.stages("up", stage + 1, adapter))  # (a, o, r)
         scales = torch.cat(self.stages("scale", stage + 1, adapter))  # (a,)
