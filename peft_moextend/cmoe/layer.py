@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..call_inputs import CallInputs
-from ..experts import kaiming_uniform_experts
+from ..experts import gated_low_rank_mixture, kaiming_uniform_experts
 from ..modality import modality_index
 from ..routing import RoutedLayer, RoutingRecord
 from ..tuner_utils import LinearExpertLayer, stage_container
@@ -277,7 +277,7 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
             if eligible is not None:
                 token_task = torch.where(eligible, token_task, -1)  # -1: no task's experts
             tasks_present = torch.unique(token_task).tolist()
-        rank, scaling = self.cmoe_settings[adapter].r, self.cmoe_scaling[adapter]
+        scaling = self.cmoe_scaling[adapter]
         delta = None
         for task in tasks_present:
             routers = getattr(self, f"cmoe_router_{task}", None) if task >= 0 else None
@@ -290,8 +290,7 @@ class CMoELayer(LinearExpertLayer, RoutedLayer):
             every_row = rows is None or bool(rows.all())
             inputs = self._cast_input_dtype(tokens if every_row else tokens[rows], weight_a.dtype)
             gates = self._task_gates(adapter, task, F.linear(inputs, router), None if every_row else rows)  # (t, e)
-            hidden = F.linear(inputs, weight_a).view(-1, gates.shape[-1], rank) * gates.unsqueeze(-1)
-            out = F.linear(hidden.flatten(1), weight_b) * scaling  # (t, o)
+            out = gated_low_rank_mixture(inputs, weight_a, weight_b, gates, scaling)  # (t, o)
             if every_row:
                 delta = out
             else:
