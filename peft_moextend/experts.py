@@ -1,4 +1,5 @@
-"""Gathered, batched computation of a small set of added experts.
+"""Shared expert math: Kaiming init of stacked low-rank experts, the gated low-rank mixture, and the gathered,
+batched computation of a small set of added experts.
 
 Only the (token, slot) pairs routed to an added expert are computed: they are gathered, grouped per expert into a
 padded `(n_experts, capacity, h)` batch and run through two `bmm`s — no dense pass of every expert over every token,
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,6 +28,19 @@ def kaiming_uniform_experts(num_experts: int, rank: int, in_features: int) -> to
     weight = torch.empty(num_experts * rank, in_features)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     return weight
+
+
+def gated_low_rank_mixture(
+    inputs: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, gates: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """`scaling * B (gates (x) A x)`: `e` rank-`r` experts stacked as one rank-`e*r` LoRA, each expert's hidden
+    vector weighted by its gate between the two projections (SMoLA, CMoE).
+
+    inputs: `(t, i)`; weight_a: `(e*r, i)`; weight_b: `(o, e*r)`; gates: `(t, e)`. Returns `(t, o)`.
+    """
+    num_experts = gates.shape[-1]
+    hidden = F.linear(inputs, weight_a).view(-1, num_experts, weight_a.shape[0] // num_experts)  # (t, e, r)
+    return F.linear((hidden * gates.unsqueeze(-1)).flatten(1), weight_b) * scaling
 
 
 @dataclass

@@ -21,20 +21,22 @@ _TOKEN_ID_ATTRIBUTES: dict[str, tuple[str, ...]] = {
 }
 
 
-def modality_index(name: str) -> int:
-    """Id of modality `name` in `MODALITIES`; a clear error for unknown names."""
-    if name not in MODALITIES:
-        raise ValueError(f"Unknown modality {name!r}; known modalities are {list(MODALITIES)}.")
-    return MODALITIES.index(name)
-
-
-def validate_modalities(names: Iterable[str], option: str) -> tuple[str, ...]:
-    """Check that every entry of a config option names a known modality; returns them as a tuple."""
+def validate_modalities(names: Iterable[str], option: str, also_allowed: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Check that every entry of `option` (a config option or argument) names a known modality, or one of
+    `also_allowed` (e.g. SMoLA's "multimodal" group); returns them as a tuple. The one place that raises the
+    unknown-modality error."""
     names = tuple(names)
-    unknown = [n for n in names if n not in MODALITIES]
+    allowed = (*MODALITIES, *also_allowed)
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"`{option}` contains unknown modalities {unknown}; choose from {list(MODALITIES)}.")
+        raise ValueError(f"`{option}` contains unknown modalities {unknown}; choose from {list(allowed)}.")
     return names
+
+
+def modality_index(name: str, option: str = "modality") -> int:
+    """Id of modality `name` in `MODALITIES`; the unknown-modality error, naming `option`, for other names."""
+    validate_modalities((name,), option)
+    return MODALITIES.index(name)
 
 
 def modality_token_ids(config) -> dict[str, int]:

@@ -54,19 +54,40 @@ class MoEFamily:
 
         hidden: `(t, h)`. Returns logits `(t, e)`, top-k weights `(t, k)` and top-k indices `(t, k)`.
         """
-        output = self.router(block)(hidden)
+        return self.read_router_output(block, self.router(block)(hidden))
+
+    def router_logits(self, output: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The logits `(t, e)` in the output of the block's router: `(scores, logits)` for sigmoid families (Llama 4),
+        `(logits, top_k_weights, top_k_index)` for softmax ones."""
+        return output[1] if self.scoring == "sigmoid" else output[0]
+
+    def read_router_output(
+        self, block: nn.Module, output: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits `(t, e)`, top-k weights `(t, k)` and top-k indices `(t, k)` from the output of the block's router
+        (e.g. as seen by a forward hook on `router(block)`)."""
+        logits = self.router_logits(output)
         if self.scoring == "sigmoid":
-            scores, logits = output  # scores: (t, e), sigmoid of the top-k logits and 0 elsewhere
+            scores = output[0]  # (t, e), sigmoid of the top-k logits and 0 elsewhere
             top_k_index = torch.topk(logits, self.top_k(block), dim=-1).indices
             return logits, scores.gather(1, top_k_index), top_k_index
-        logits, top_k_weights, top_k_index = output
-        return logits, top_k_weights, top_k_index
+        return logits, output[1], output[2]
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Routing scores `(t, e)` on which top-k is taken."""
         if self.scoring == "sigmoid":
             return torch.sigmoid(logits.float())
         return F.softmax(logits.float(), dim=-1)
+
+    def top_k_index(self, logits: torch.Tensor, top_k: int, probabilities: torch.Tensor | None = None) -> torch.Tensor:
+        """`(t, k)` experts the family picks from logits `(t, e)`: top-k of the softmax probabilities, or for sigmoid
+        families (Llama 4) of the raw logits (their sigmoids tie once they saturate at 1). `probabilities`: those of
+        `logits` if already computed."""
+        if self.scoring == "sigmoid":
+            ranking = logits.float()
+        else:
+            ranking = self.probabilities(logits) if probabilities is None else probabilities
+        return torch.topk(ranking, top_k, dim=-1).indices
 
     def routed_experts(
         self, block: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -150,12 +171,40 @@ def looks_like_moe_block(module: nn.Module) -> bool:
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """All MoE-looking blocks of `model`, outermost first, as (qualified name, module)."""
+    """All MoE-looking blocks of `model`, outermost first, as (qualified name, module). A block wrapped by a tuner
+    layer is found as its `...base_layer`; `moe_blocks` names it by its wrapper."""
     blocks: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if looks_like_moe_block(module) and not any(name.startswith(f"{outer}.") for outer, _ in blocks):
             blocks.append((name, module))
     return blocks
+
+
+@dataclass(frozen=True)
+class MoEBlock:
+    """One MoE block of a model.
+
+    name: qualified name of the block, or of the tuner layer wrapping it (PEFT's `base_layer` convention, e.g.
+        `MoExtendLayer`); module: the module at `name` (the block or its wrapper); block: the MoE block itself;
+    layer_index: index of its decoder layer (`...layers.<i>...`), else its position among the MoE blocks;
+    family: its `MoEFamily`, None where the block class is not supported.
+    """
+
+    name: str
+    module: nn.Module
+    block: nn.Module
+    layer_index: int
+    family: MoEFamily | None
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every MoE-looking block of `model` (supported or not, wrapped or not), in module order."""
+    found = []
+    for position, (name, block) in enumerate(find_moe_blocks(model)):
+        owner = name.removesuffix(".base_layer")
+        module = block if owner == name else model.get_submodule(owner)
+        found.append(MoEBlock(owner, module, block, decoder_layer_index(owner, position), family_of(block)))
+    return found
 
 
 def supported_blocks_message() -> str:

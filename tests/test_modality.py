@@ -21,7 +21,14 @@ from transformers import Trainer, TrainingArguments
 
 from peft_moextend import ModeXConfig, PathWeaveConfig, SMoLAConfig
 from peft_moextend.call_inputs import CallInputs
-from peft_moextend.modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids, tower_modality
+from peft_moextend.modality import (
+    MODALITIES,
+    modality_ids_from_input_ids,
+    modality_index,
+    modality_token_ids,
+    tower_modality,
+    validate_modalities,
+)
 from peft_moextend.smola import SMoLALayer
 
 
@@ -194,3 +201,17 @@ def test_gradient_checkpointing_in_a_shared_tower_with_video_paths_is_refused():
         module.gradient_checkpointing = False
     peft_model(**batch).loss.backward()
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad and ".visual." in n)
+
+
+def test_unknown_modality_error_names_the_option_and_the_choices():
+    assert modality_index("video") == MODALITIES.index("video")
+    with pytest.raises(ValueError, match=r"^`task.modality` contains unknown modalities \['smell'\]; choose from "):
+        modality_index("smell", "task.modality")
+    with pytest.raises(ValueError, match=r"^`modality` contains unknown modalities \['smell'\]"):
+        modality_index("smell")
+    groups = ("image", "multimodal")
+    assert validate_modalities(list(groups), "groups", also_allowed=("multimodal",)) == groups
+    with pytest.raises(ValueError, match=r"`groups` contains unknown modalities \['smell'\].*'audio', 'multimodal'\]"):
+        validate_modalities(["image", "smell"], "groups", also_allowed=("multimodal",))
+    with pytest.raises(ValueError, match=r"`groups` contains unknown modalities \['multimodal'\]"):
+        validate_modalities(["multimodal"], "groups")

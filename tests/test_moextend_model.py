@@ -12,6 +12,7 @@ from tiny_models import EXPERTS_IMPLEMENTATION_FAMILIES, MOE_FAMILIES, VISION_FA
 from peft_moextend import MoExtendConfig
 from peft_moextend.compat import known_upstream_break
 from peft_moextend.modality import modality_token_ids
+from peft_moextend.moe_families import hidden_size_of, moe_blocks
 from peft_moextend.moextend import MoExtendLayer
 
 NUM_EXPERTS = 4
@@ -327,3 +328,40 @@ def test_unload_restores_the_base_blocks():
     assert not any(isinstance(m, MoExtendLayer) for m in unloaded.modules())
     with torch.no_grad():
         assert torch.equal(unloaded(**batch).logits, expected)
+
+
+def test_moe_blocks_name_a_wrapped_block_by_its_wrapper_and_a_second_adapter_finds_the_same_layers():
+    base = make_tiny_moe("qwen2_moe")
+    before = moe_blocks(base)
+    model = get_peft_model(base, MoExtendConfig(target_layers=[1]))
+    after = moe_blocks(model.get_base_model())
+    assert [b.name for b in after] == [b.name for b in before]  # never `...base_layer`
+    assert [b.layer_index for b in after] == [b.layer_index for b in before] == [0, 1]
+    assert [b.block for b in after] == [b.block for b in before]
+    assert [type(b.module) for b in after] == [type(before[0].block), MoExtendLayer]
+    assert after[1].module.base_layer is after[1].block
+    assert all(b.family is not None and b.family.name == "qwen2_moe" for b in after)
+    model.add_adapter("second", MoExtendConfig(target_layers=[0]))
+    layers = {layer.layer_index: layer for layer in model.modules() if isinstance(layer, MoExtendLayer)}
+    assert sorted(layers) == [0, 1]
+    assert layers[0].extends("second") and not layers[0].extends("default")
+    assert layers[1].extends("default") and not layers[1].extends("second")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_router_output_accessors_agree_with_the_families_routing(family):
+    """`route`, a hook's view of the router output (`read_router_output`, `router_logits`) and `top_k_index` on the
+    logits pick the same experts with the same logits: the output layout is read in one place."""
+    model = make_tiny_moe(family)
+    moe_block = moe_blocks(model)[0]
+    block, family_spec = moe_block.block, moe_block.family
+    hidden = torch.randn(5, hidden_size_of(block.experts))
+    with torch.no_grad():
+        output = family_spec.router(block)(hidden)
+        logits, weights, index = family_spec.route(block, hidden)
+    read_logits, read_weights, read_index = family_spec.read_router_output(block, output)
+    assert torch.equal(read_logits, logits) and torch.equal(read_weights, weights) and torch.equal(read_index, index)
+    assert torch.equal(family_spec.router_logits(output), logits)
+    assert logits.shape == (5, NUM_EXPERTS) and index.shape == (5, family_spec.top_k(block))
+    chosen = family_spec.top_k_index(logits, family_spec.top_k(block))
+    assert torch.equal(chosen.sort(dim=-1).values, index.sort(dim=-1).values)

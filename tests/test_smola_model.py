@@ -156,7 +156,7 @@ def test_merge_is_refused_with_the_reason():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"expert_groups": {"text": 2, "smell": 2}}, "unknown groups"),
+        ({"expert_groups": {"text": 2, "smell": 2}}, r"`expert_groups` contains unknown modalities \['smell'\]"),
         ({"expert_groups": {"text": 2, "image": 0}}, "at least one expert"),
         ({"expert_groups": {}}, "non-empty"),
         ({"router": "top_k", "top_k": 3, "expert_groups": {"text": 2, "image": 4}}, "smallest group"),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..call_inputs import CallInputs
-from ..experts import kaiming_uniform_experts
+from ..experts import gated_low_rank_mixture, kaiming_uniform_experts
 from ..modality import modality_index
 from ..registration import METHODS, ExpertPeftType
 from ..routing import RoutedLayer, RoutingRecord
@@ -269,7 +269,7 @@ class CMoELayer(LinearExpertLayer, StagedParameters, RoutedLayer):
                 token_task = torch.where(eligible, token_task, -1)  # -1: no task's experts
             tasks_present = torch.unique(token_task).tolist()
         config = self.cmoe_settings[adapter]
-        rank, scaling = config.r, config.lora_alpha / config.r
+        scaling = config.lora_alpha / config.r
         delta = None
         for task in tasks_present:
             router = self.stage("router", task, adapter) if task >= 0 else None
@@ -281,8 +281,7 @@ class CMoELayer(LinearExpertLayer, StagedParameters, RoutedLayer):
             every_row = rows is None or bool(rows.all())
             inputs = self._cast_input_dtype(tokens if every_row else tokens[rows], weight_a.dtype)
             gates = self._task_gates(adapter, task, F.linear(inputs, router), None if every_row else rows)  # (t, e)
-            hidden = F.linear(inputs, weight_a).view(-1, gates.shape[-1], rank) * gates.unsqueeze(-1)
-            out = F.linear(hidden.flatten(1), weight_b) * scaling  # (t, o)
+            out = gated_low_rank_mixture(inputs, weight_a, weight_b, gates, scaling)  # (t, o)
             if every_row:
                 delta = out
             else:

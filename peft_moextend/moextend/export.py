@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..moe_families import MoEBlock
 from ..quantization import _bnb_4bit_parametrization
 from .config import MoExtendConfig
 from .layer import MoExtendLayer
@@ -22,9 +23,9 @@ EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts")
 """Config / module attributes that hold a block's expert count (Mixtral and Llama 4 / Qwen-MoE, OLMoE)."""
 
 
-def check_exportable(blocks: list[tuple[str, nn.Module]], adapter_name: str, config: MoExtendConfig) -> int:
+def check_exportable(blocks: list[MoEBlock], adapter_name: str, config: MoExtendConfig) -> int:
     """Raise a clear error unless adapter `adapter_name` can become a plain MoE exactly; returns `n`, the experts
-    it adds to every MoE block. `blocks`: every MoE block of the model as (name, block or its MoExtendLayer)."""
+    it adds to every MoE block. `blocks`: every MoE block of the model (`moe_families.moe_blocks`)."""
     refusal = "merge_and_unload() cannot export MoExtend adapter {name!r} to a plain transformers MoE: {why}"
     if config.calibration:
         raise ValueError(
@@ -44,14 +45,14 @@ def check_exportable(blocks: list[tuple[str, nn.Module]], adapter_name: str, con
             )
         )
     counts = {}
-    for name, block in blocks:
-        layer = block if isinstance(block, MoExtendLayer) else None
+    for moe_block in blocks:
+        name, layer = moe_block.name, moe_block.module
         counts[name] = (
-            0
-            if layer is None or adapter_name not in layer.moextend_router
-            else (layer.moextend_router[adapter_name].shape[0])
+            layer.moextend_router[adapter_name].shape[0]
+            if isinstance(layer, MoExtendLayer) and adapter_name in layer.moextend_router
+            else 0
         )
-        experts = (layer.base_layer if layer is not None else block).experts
+        experts = moe_block.block.experts
         if any(_bnb_4bit_parametrization(experts, t) is not None for t in ("gate_up_proj", "down_proj")):
             raise ValueError(
                 refusal.format(

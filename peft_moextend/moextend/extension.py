@@ -22,8 +22,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids, validate_modalities
-from ..moe_families import MoEFamily, decoder_layer_index, family_of, find_moe_blocks
+from ..modality import (
+    MODALITIES,
+    modality_ids_from_input_ids,
+    modality_index,
+    modality_token_ids,
+    validate_modalities,
+)
+from ..moe_families import MoEFamily, moe_blocks
 from ..routing import expert_usage
 
 logger = logging.getLogger("peft_moextend")
@@ -31,11 +37,7 @@ logger = logging.getLogger("peft_moextend")
 
 def supported_moe_blocks(model: nn.Module) -> dict[int, tuple[nn.Module, MoEFamily]]:
     """`{decoder_layer_index: (block, family)}` for the supported MoE blocks of `model`."""
-    blocks = {}
-    for position, (name, block) in enumerate(find_moe_blocks(model)):
-        family = family_of(block)
-        if family is not None:
-            blocks[decoder_layer_index(name, position)] = (block, family)
+    blocks = {b.layer_index: (b.block, b.family) for b in moe_blocks(model) if b.family is not None}
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no supported MoE layer to measure expert usage on.")
     return blocks
@@ -64,7 +66,7 @@ def counted_tokens(
                 f"entry (ints of shape (batch, seq) indexing {list(MODALITIES)}) to every batch."
             )
         modality_ids = modality_ids_from_input_ids(batch["input_ids"], token_ids)
-    indices = torch.tensor([MODALITIES.index(m) for m in allowed], device=modality_ids.device)
+    indices = torch.tensor([modality_index(m) for m in allowed], device=modality_ids.device)
     eligible = torch.isin(modality_ids.reshape(-1), indices)
     return eligible if counted is None else eligible & counted.to(eligible.device)
 
@@ -94,8 +96,7 @@ def measure_expert_usage(
 
     def make_hook(index: int, block: nn.Module, family: MoEFamily):
         def hook(module: nn.Module, args: tuple, output) -> None:
-            logits = output[1] if family.scoring == "sigmoid" else output[0]  # (t, e)
-            top_k_index = torch.topk(family.probabilities(logits), family.top_k(block), dim=-1).indices
+            top_k_index = family.top_k_index(family.router_logits(output), family.top_k(block))  # (t, k)
             mask = current_mask[0]
             if mask is not None and mask.numel() != top_k_index.shape[0]:
                 if restricted:

@@ -298,11 +298,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             out = block(hidden_states, *args, **kwargs)
         finally:
             handle.remove()
-        if family.scoring == "sigmoid":  # Llama 4's router returns (scores, logits); top-k is taken on the logits
-            logits = router_outputs[-1][1]  # (t, e)
-            top_k_index = torch.topk(logits, family.top_k(block), dim=-1).indices  # (t, k)
-        else:
-            logits, _, top_k_index = router_outputs[-1]  # (t, e), _, (t, k)
+        logits, _, top_k_index = family.read_router_output(block, router_outputs[-1])  # (t, e), _, (t, k)
         token_mask = self.call_inputs.token_attention_mask(logits.shape[0])
         if eligible is not None:
             token_mask = eligible if token_mask is None else token_mask & eligible

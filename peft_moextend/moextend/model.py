@@ -10,14 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..moe_families import (
-    MoEFamily,
-    decoder_layer_index,
-    family_of,
-    find_moe_blocks,
-    hidden_size_of,
-    supported_blocks_message,
-)
+from ..moe_families import MoEBlock, hidden_size_of, moe_blocks, supported_blocks_message
 from ..tuner_utils import ExpertTuner
 from .config import MoExtendConfig
 from .export import append_new_experts, check_exportable, update_config
@@ -65,9 +58,9 @@ class MoExtendModel(ExpertTuner):
         adapter_name = names[0]
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter {adapter_name!r}; adapters: {list(self.peft_config)}.")
-        blocks = _outermost_blocks(self.model)
+        blocks = moe_blocks(self.model)
         added = check_exportable(blocks, adapter_name, self.peft_config[adapter_name])
-        layers = [block for _, block in blocks if isinstance(block, MoExtendLayer)]
+        layers = [b.module for b in blocks if isinstance(b.module, MoExtendLayer)]
         old = layers[0].num_base_experts
         for layer in layers:
             append_new_experts(layer, adapter_name)
@@ -75,13 +68,10 @@ class MoExtendModel(ExpertTuner):
         return self.unload()
 
     # -- injection ---------------------------------------------------------------------------------------------
-    def _moe_blocks(self, model: nn.Module) -> dict[str, tuple[int, nn.Module, MoEFamily]]:
-        """Supported MoE blocks by qualified name -> (decoder layer index, block, family); clear errors otherwise."""
-        blocks: dict[str, tuple[int, nn.Module, MoEFamily]] = {}
-        found = [
-            (name, module.base_layer if isinstance(module, MoExtendLayer) else module)
-            for name, module in _outermost_blocks(model)
-        ]
+    def _moe_blocks(self, model: nn.Module) -> dict[str, MoEBlock]:
+        """The MoE blocks by qualified name (of their MoExtendLayer once wrapped); clear errors unless every one is
+        supported."""
+        found = moe_blocks(model)
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         if not found:
             raise ValueError(
@@ -90,19 +80,17 @@ class MoExtendModel(ExpertTuner):
                 "For a dense model, upcycle it into an MoE first with "
                 "`peft_moextend.upcycling.upcycle_llama_to_mixtral`."
             )
-        for position, (name, block) in enumerate(found):
-            family = family_of(block)
-            if family is None:
-                raise ValueError(
-                    f"MoE block {type(block).__name__} (at {name!r}, model type {model_type!r}) is not supported by "
-                    f"MoExtend. Supported MoE blocks: {supported_blocks_message()}."
-                )
-            blocks[name] = (decoder_layer_index(name, position), block, family)
-        return blocks
+        unsupported = next((b for b in found if b.family is None), None)
+        if unsupported is not None:
+            raise ValueError(
+                f"MoE block {type(unsupported.block).__name__} (at {unsupported.name!r}, model type {model_type!r}) is "
+                f"not supported by MoExtend. Supported MoE blocks: {supported_blocks_message()}."
+            )
+        return {b.name: b for b in found}
 
     def _prepare_model(self, peft_config: MoExtendConfig, model: nn.Module) -> None:
         blocks = self._moe_blocks(model)
-        by_layer = {index: name for name, (index, _, _) in blocks.items()}
+        by_layer = {b.layer_index: name for name, b in blocks.items()}
         if peft_config.target_layers is not None:
             missing = [i for i in peft_config.target_layers if i not in by_layer]
             if missing:
@@ -113,9 +101,9 @@ class MoExtendModel(ExpertTuner):
             chosen = [by_layer[i] for i in peft_config.target_layers]
         else:
             chosen = list(blocks)
-        _, first_block, family = blocks[chosen[0]]
-        num_experts = family.num_experts(first_block)
-        hidden_size = hidden_size_of(first_block.experts)
+        first = blocks[chosen[0]]
+        num_experts = first.family.num_experts(first.block)
+        hidden_size = hidden_size_of(first.block.experts)
         for option, expected, actual in (
             ("num_base_experts", peft_config.num_base_experts, num_experts),
             ("hidden_size", peft_config.hidden_size, hidden_size),
@@ -137,7 +125,7 @@ class MoExtendModel(ExpertTuner):
                 "(expert_init=%r). Call `model.base_model.init_new_experts_from_data(batches)` before training to copy "
                 "each layer's most used expert on your data instead (the paper's choice), or pass an expert index / "
                 "{layer_index: expert_index} (e.g. from `tune_routers_and_plan`) as `expert_init`.",
-                sorted(blocks[name][0] for name in chosen),
+                sorted(blocks[name].layer_index for name in chosen),
                 peft_config.expert_init,
             )
 
@@ -158,11 +146,12 @@ class MoExtendModel(ExpertTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        layer_index, block, family = self._blocks[current_key]
+        moe_block = self._blocks[current_key]
+        layer_index = moe_block.layer_index
         layer = (
             target
             if isinstance(target, MoExtendLayer)
-            else MoExtendLayer(target, family, layer_index, self.call_inputs)
+            else MoExtendLayer(target, moe_block.family, layer_index, self.call_inputs)
         )
         if peft_config.target_layers is None or layer_index in peft_config.target_layers:
             layer.update_layer(adapter_name, peft_config, self._source_expert(peft_config, layer_index))
@@ -210,17 +199,3 @@ class MoExtendModel(ExpertTuner):
         if config.expert_init != "zeros":
             config.expert_init = dict(sources)
         return sources
-
-
-def _outermost_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """MoE blocks, counting an already wrapped block (MoExtendLayer) once under its own name."""
-    blocks: list[tuple[str, nn.Module]] = []
-    wrapped = [name for name, m in model.named_modules() if isinstance(m, MoExtendLayer)]
-    for name, module in model.named_modules():
-        if name in wrapped:
-            blocks.append((name, module))
-    for name, module in find_moe_blocks(model):
-        owner = name.removesuffix(".base_layer")
-        if owner not in wrapped:
-            blocks.append((name, module))
-    return blocks

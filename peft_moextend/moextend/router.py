@@ -38,9 +38,7 @@ def extended_routing(
     """
     logits = torch.cat([base_logits, new_logits.to(base_logits.dtype)], dim=-1)  # (t, e+n)
     probs = family.probabilities(logits)  # (t, e+n), float32
-    # rank as the family does: Llama 4 takes top-k of the raw logits (their sigmoids tie once they saturate at 1)
-    ranking = logits.float() if family.scoring == "sigmoid" else probs
-    top_k_index = torch.topk(ranking, top_k, dim=-1).indices  # (t, k)
+    top_k_index = family.top_k_index(logits, top_k, probs)  # (t, k)
     if calibration is not None:
         weight_in, weight_out = calibration
         probs = probs + calibration_correction(probs.to(weight_in.dtype), weight_in, weight_out).float()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
-from ..modality import MODALITIES
+from ..modality import MODALITIES, validate_modalities
 from ..registration import METHODS, ExpertPeftType
 
 MULTIMODAL = "multimodal"
@@ -67,10 +67,7 @@ class SMoLAConfig(ExpertConfig):
             raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r!r}.")
         if not isinstance(self.expert_groups, dict) or not self.expert_groups:
             raise ValueError(f"`expert_groups` must be a non-empty dict group -> experts, got {self.expert_groups!r}.")
-        allowed = (*MODALITIES, MULTIMODAL)
-        unknown = [g for g in self.expert_groups if g not in allowed]
-        if unknown:
-            raise ValueError(f"`expert_groups` has unknown groups {unknown}; allowed group names are {list(allowed)}.")
+        validate_modalities(self.expert_groups, "expert_groups", also_allowed=(MULTIMODAL,))
         empty = [g for g, n in self.expert_groups.items() if not isinstance(n, int) or isinstance(n, bool) or n < 1]
         if empty:
             raise ValueError(
@@ -79,7 +76,7 @@ class SMoLAConfig(ExpertConfig):
             )
         # Experts are laid out group by group in this canonical order, whatever the dict order (adapter_config.json
         # is written with sorted keys, so the order must not depend on it).
-        self.expert_groups = {g: self.expert_groups[g] for g in allowed if g in self.expert_groups}
+        self.expert_groups = {g: self.expert_groups[g] for g in (*MODALITIES, MULTIMODAL) if g in self.expert_groups}
         if self.router not in ROUTERS:
             raise ValueError(f"`router` must be one of {ROUTERS}, got {self.router!r}.")
         if self.router == "top_k":

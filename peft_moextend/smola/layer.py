@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..call_inputs import CallInputs
-from ..experts import kaiming_uniform_experts
+from ..experts import gated_low_rank_mixture, kaiming_uniform_experts
 from ..modality import MODALITIES, modality_index
 from ..routing import RoutedLayer, RoutingRecord
 from ..tuner_utils import LinearExpertLayer
@@ -74,9 +74,9 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
                 self.routing_records[adapter] = RoutingRecord(
                     gates, dispatch, self.call_inputs.token_attention_mask(tokens.shape[0]), settings.aux_loss_coef
                 )
-            hidden = F.linear(self.smola_dropout[adapter](inputs), weight_a)  # (t, e*r)
-            hidden = (hidden.view(-1, gates.shape[-1], settings.rank) * gates.unsqueeze(-1)).flatten(1)
-            delta = F.linear(hidden, weight_b) * settings.scaling  # (t, o)
+            delta = gated_low_rank_mixture(
+                self.smola_dropout[adapter](inputs), weight_a, weight_b, gates, settings.scaling
+            )  # (t, o)
             result = result + delta.reshape(*x.shape[:-1], -1).to(result.dtype)
         return result
 
