@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .compat import check_call_supported
-from .modality import MODALITIES, modality_ids_from_input_ids, modality_token_ids
+from .modality import MODALITIES, modality_ids_from_input_ids, modality_index, modality_token_ids
 from .routing import RoutedLayer, add_router_aux_loss
 
 CALL_KEYWORDS = ("modality_ids", "task")
@@ -182,7 +182,7 @@ class CallInputs:
         modalities the layer tells apart; a clear error when the call cannot mark them."""
         if tower_modality is not None:
             modality = self._tower_modality or tower_modality
-            return torch.full((num_tokens,), MODALITIES.index(modality), device=device)
+            return torch.full((num_tokens,), modality_index(modality), device=device)
         unmarkable = sorted(set(needed) - {"text"} - self.markable)
         if self.modality_ids is not None and unmarkable:
             raise ValueError(

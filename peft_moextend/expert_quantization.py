@@ -17,7 +17,7 @@ import warnings
 
 from torch import nn
 
-from .moe_families import family_of, find_moe_blocks
+from .moe_families import moe_blocks
 from .quantization import _bnb_4bit_parametrization
 
 logger = logging.getLogger("peft_moextend")
@@ -29,14 +29,12 @@ def _expert_tensors(model: nn.Module) -> tuple[list[tuple[str, nn.Module, str]],
     """`(block name, experts module, tensor name)` of every fused expert tensor of a supported MoE block, and a
     description of the MoE blocks whose experts cannot be stored in 4 bits."""
     tensors, unsupported = [], []
-    for name, block in find_moe_blocks(model):
-        base = getattr(block, "base_layer", block)  # a block wrapped by MoExtend
-        experts = getattr(base, "experts", None)
-        if family_of(base) is None:
-            unsupported.append(f"{type(base).__name__} at {name!r}")
+    for found in moe_blocks(model):
+        if found.family is None:
+            unsupported.append(f"{type(found.block).__name__} at {found.name!r}")
             continue
         for tensor in FUSED_EXPERT_TENSORS:
-            tensors.append((name, experts, tensor))
+            tensors.append((found.name, found.block.experts, tensor))
     return tensors, unsupported
 
 

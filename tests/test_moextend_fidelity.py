@@ -210,7 +210,7 @@ def test_aux_loss_averages_over_the_chosen_moe_layers(family, aux_layers):
     torch.testing.assert_close(outputs.router_aux_loss, expected)
     peft_model.peft_config["default"].router_aux_loss_coef = 0.0
     for layer in moe_layers(peft_model):
-        layer.moextend_aux_loss_coef["default"] = 0.0
+        layer.moextend_settings["default"] = layer.moextend_settings["default"]._replace(aux_loss_coef=0.0)
     torch.testing.assert_close(outputs.loss, peft_model(**batch).loss + 0.5 * expected)
 
 

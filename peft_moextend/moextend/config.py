@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import ExpertPeftType
+from ..registration import METHODS, ExpertPeftType
 
 EXPERT_INIT_MODES = ("expert_0_until_measured", "zeros")
 DEPRECATED_EXPERT_INIT_MODES = {"most_used": "expert_0_until_measured"}
@@ -63,7 +63,7 @@ class MoExtendConfig(ExpertConfig):
             `num_base_experts`.
     """
 
-    method_name: ClassVar[str] = "MoExtend"
+    method_name: ClassVar[str] = METHODS[ExpertPeftType.MOEXTEND].name
 
     num_new_experts: int = field(default=1, metadata={"help": "New experts per extended MoE layer."})
     new_expert_rank: int | None = field(

@@ -6,6 +6,8 @@ e - old experts, n - new experts, k - top-k slots.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -23,6 +25,20 @@ from .router import extended_routing
 ROUTER_JITTER_ATTRIBUTES = {"mixtral": "jitter_noise"}
 """Families whose block multiplies its input by uniform noise in `[1 - j, 1 + j]` in training (transformers'
 Mixtral, `config.router_jitter_noise`), and the block attribute holding `j`."""
+
+
+class MoExtendSettings(NamedTuple):
+    """An adapter's per-layer settings (one record per adapter, `moextend_settings[adapter]`): its load-balancing
+    coefficient and the modality ids `(m,)` its new experts serve (None: every token)."""
+
+    aux_loss_coef: float
+    modalities: torch.Tensor | None
+
+    @classmethod
+    def of(cls, config: MoExtendConfig) -> MoExtendSettings:
+        allowed = config.restrict_to_modalities
+        ids = None if allowed is None else torch.tensor([modality_index(m) for m in allowed])
+        return cls(config.router_aux_loss_coef, ids)
 
 
 class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
@@ -52,7 +68,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         "moextend_calibration_in",
         "moextend_calibration_out",
     )
-    other_param_names = ("moextend_modalities", "moextend_aux_loss_coef", "moextend_source_expert")
+    other_param_names = ("moextend_settings", "moextend_source_expert")
 
     def __init__(self, base_layer: nn.Module, family: MoEFamily, layer_index: int, call_inputs: CallInputs) -> None:
         super().__init__()
@@ -62,8 +78,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         self.call_inputs = call_inputs
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
-        self.moextend_modalities: dict[str, torch.Tensor | None] = {}
-        self.moextend_aux_loss_coef: dict[str, float] = {}
+        self.moextend_settings: dict[str, MoExtendSettings] = {}
         self.moextend_source_expert: dict[str, int] = {}  # low-rank adapters: the expert their deltas apply to
         self.routing_records: dict[str, RoutingRecord] = {}
         self._disable_adapters = False
@@ -97,22 +112,14 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             self.moextend_calibration_out[adapter_name] = nn.Parameter(
                 torch.zeros(num_base + num_new, config.calibration_hidden_size)
             )
-        self.moextend_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
-        modalities = config.restrict_to_modalities
-        self.moextend_modalities[adapter_name] = (
-            None if modalities is None else torch.tensor([modality_index(m) for m in modalities])
-        )
+        self.moextend_settings[adapter_name] = MoExtendSettings.of(config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
     def update_observer(self, adapter_name: str, config: MoExtendConfig) -> None:
         """Register adapter `adapter_name` on a block it does not extend: no tensor is added, the block computes as
         the base does, and its routing is recorded for the adapter's load-balancing loss."""
-        self.moextend_aux_loss_coef[adapter_name] = config.router_aux_loss_coef
-        modalities = config.restrict_to_modalities
-        self.moextend_modalities[adapter_name] = (
-            None if modalities is None else torch.tensor([modality_index(m) for m in modalities])
-        )
+        self.moextend_settings[adapter_name] = MoExtendSettings.of(config)
         self.set_adapter(self.active_adapters)
 
     def extends(self, adapter_name: str) -> bool:
@@ -191,7 +198,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
 
     def _eligible_tokens(self, adapter_name: str, num_tokens: int, device: torch.device) -> torch.Tensor | None:
         """`(t,)` bool: tokens allowed to use the new experts; None means all tokens."""
-        allowed = self.moextend_modalities.get(adapter_name)
+        allowed = self.moextend_settings[adapter_name].modalities
         if allowed is None:
             return None
         needed = [MODALITIES[i] for i in allowed.tolist()]
@@ -204,7 +211,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         """hidden_states: `(b, s, h)`; returns what the base block returns (Llama 4: `(out, router_logits)`)."""
         if self.disable_adapters or self.merged:
             return self.base_layer(hidden_states, *args, **kwargs)
-        active = [a for a in self.active_adapters if a in self.moextend_aux_loss_coef]
+        active = [a for a in self.active_adapters if a in self.moextend_settings]
         if not active:
             return self.base_layer(hidden_states, *args, **kwargs)
         if len(active) > 1:
@@ -247,7 +254,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             F.softmax(logits.float(), dim=-1),
             dispatch_mask_from_top_k(top_k_index, num_experts),
             token_mask,
-            self.moextend_aux_loss_coef[adapter],
+            self.moextend_settings[adapter].aux_loss_coef,
         )
 
         num_base = self.num_base_experts
@@ -306,7 +313,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             F.softmax(logits.float(), dim=-1),
             dispatch_mask_from_top_k(top_k_index, logits.shape[-1]),
             token_mask,
-            self.moextend_aux_loss_coef[adapter],
+            self.moextend_settings[adapter].aux_loss_coef,
         )
         return out
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..moe_families import MoEBlock, hidden_size_of, moe_blocks, supported_blocks_message
+from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import ExpertTuner
 from .config import MoExtendConfig
 from .export import append_new_experts, check_exportable, update_config
@@ -30,9 +31,9 @@ class MoExtendModel(ExpertTuner):
     (see `peft_moextend.call_inputs`).
     """
 
-    prefix: str = "moextend_"
+    prefix: str = METHODS[ExpertPeftType.MOEXTEND].prefix
     tuner_layer_cls = MoExtendLayer
-    method_name = "MoExtend"
+    method_name = METHODS[ExpertPeftType.MOEXTEND].name
     merge_refusal = (
         "merging into the existing weights has no room for new experts; `merge_and_unload()` instead exports the "
         "model to the same MoE class with the new experts appended."
