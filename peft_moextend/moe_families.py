@@ -29,6 +29,8 @@ class MoEFamily:
     weights_scale_input: the routing weight multiplies the expert's input instead of its output (Llama 4).
     shared_expert: "none", "sigmoid_gated" (Qwen2-MoE: `sigmoid(shared_expert_gate(x)) * shared_expert(x)`) or
         "plain" (Llama 4: `shared_expert(x)`).
+    jitter_attribute: the block attribute holding `j` where the block multiplies its input by uniform noise in
+        `[1 - j, 1 + j]` in training (transformers' Mixtral, `config.router_jitter_noise`); None: no jitter.
     """
 
     name: str
@@ -36,6 +38,7 @@ class MoEFamily:
     scoring: str
     weights_scale_input: bool = False
     shared_expert: str = "none"
+    jitter_attribute: str | None = None
 
     def router(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.router_attribute)
@@ -102,6 +105,14 @@ class MoEFamily:
             return block.experts(routed_in).reshape(num_experts, hidden.shape[0], -1).sum(dim=0)
         return block.experts(hidden, top_k_index, top_k_weights)
 
+    def jitter(self, block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The block's input `(..., h)` with the block's own router jitter applied, in training only (transformers'
+        Mixtral applies it before its router and its experts)."""
+        noise = getattr(block, self.jitter_attribute, 0.0) if self.jitter_attribute is not None else 0.0
+        if not (block.training and noise > 0):
+            return hidden_states
+        return hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - noise, 1.0 + noise)
+
     def add_shared_expert(self, block: nn.Module, hidden: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """Add the shared expert's output `(t, h)` in the order the block itself does."""
         if self.shared_expert == "sigmoid_gated":
@@ -116,7 +127,7 @@ class MoEFamily:
 
 _SOFTMAX = {"router_attribute": "gate", "scoring": "softmax"}
 MOE_FAMILIES: dict[str, MoEFamily] = {
-    "MixtralSparseMoeBlock": MoEFamily("mixtral", **_SOFTMAX),
+    "MixtralSparseMoeBlock": MoEFamily("mixtral", jitter_attribute="jitter_noise", **_SOFTMAX),
     "Qwen2MoeSparseMoeBlock": MoEFamily("qwen2_moe", shared_expert="sigmoid_gated", **_SOFTMAX),
     "Qwen3MoeSparseMoeBlock": MoEFamily("qwen3_moe", **_SOFTMAX),
     "OlmoeSparseMoeBlock": MoEFamily("olmoe", **_SOFTMAX),

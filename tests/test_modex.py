@@ -26,27 +26,41 @@ def test_starts_as_the_base_model(family):
         assert torch.equal(peft_model(**batch).logits, expected)
 
 
-def test_layer_matches_the_formula_and_respects_modalities():
-    model = make_tiny_vlm("llava")
-    config = ModeXConfig(bottleneck_size=4)
-    peft_model = get_peft_model(model, config)
+def random_modex_layer(routing: str) -> tuple[ModeXLayer, torch.Tensor]:
+    """The first ModeX layer of a tiny LLaVA (bottleneck 4, three experts) with random experts and coordinator, and
+    an input `(1, 5, i)` whose tokens 1 and 2 are image tokens (set on the layer's call inputs)."""
+    peft_model = get_peft_model(make_tiny_vlm("llava"), ModeXConfig(bottleneck_size=4, routing=routing))
     layer = next(m for m in peft_model.modules() if isinstance(m, ModeXLayer))
     with torch.no_grad():
         for p in (layer.modex_up["default"], layer.modex_router["default"]):
             p.normal_()
-    context = layer.call_inputs
     x = torch.randn(1, 5, layer.in_features)
-    context.modality_ids, context.markable = torch.tensor([[0, 1, 1, 0, 0]]), frozenset({"text", "image"})
+    layer.call_inputs.modality_ids = torch.tensor([[0, 1, 1, 0, 0]])
+    layer.call_inputs.markable = frozenset({"text", "image"})
+    return layer, x
+
+
+def reference_modex_output(
+    layer: ModeXLayer, x: torch.Tensor, allowed: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ModeX formula by hand: `(5, o)` output and `(5, 3)` coordinator weights, with the `(5, 3)` bool mask of
+    the experts each token may use (None: every expert, no mask)."""
+    y = layer.base_layer(x).reshape(5, -1)
+    hidden = torch.relu(y @ layer.modex_down["default"].T)
+    up = layer.modex_up["default"].view(-1, 3, 4)  # experts in name order: cross_modal, text, visual
+    logits = (y @ layer.modex_router["default"].T + layer.modex_router_bias["default"]) / 10.0
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(logits, -1)
+    return y + sum(weights[:, e : e + 1] * (hidden @ up[:, e].T) for e in range(3)), weights
+
+
+def test_layer_matches_the_formula_and_respects_modalities():
+    layer, x = random_modex_layer("modality_masks")
+    allowed = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 0, 1], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
     with torch.no_grad():
         got = layer(x)
-        y = layer.base_layer(x).reshape(5, -1)
-        hidden = torch.relu(y @ layer.modex_down["default"].T)
-        up = layer.modex_up["default"].view(-1, 3, 4)  # experts in name order: cross_modal, text, visual
-        allowed = torch.tensor([[1, 1, 0], [1, 0, 1], [1, 0, 1], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
-        router = y @ layer.modex_router["default"].T + layer.modex_router_bias["default"]
-        logits = (router / 10.0).masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(logits, -1)
-        expected = y + sum(weights[:, e : e + 1] * (hidden @ up[:, e].T) for e in range(3))
+        expected, _ = reference_modex_output(layer, x, allowed)
     torch.testing.assert_close(got.reshape(5, -1), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -121,23 +135,10 @@ def test_paper_routing_trains_every_expert_on_text_tokens():
 
 
 def test_paper_routing_mixes_every_expert_on_every_token():
-    model = make_tiny_vlm("llava")
-    peft_model = get_peft_model(model, ModeXConfig(bottleneck_size=4, routing="paper"))
-    layer = next(m for m in peft_model.modules() if isinstance(m, ModeXLayer))
-    with torch.no_grad():
-        for p in (layer.modex_up["default"], layer.modex_router["default"]):
-            p.normal_()
-    context = layer.call_inputs
-    x = torch.randn(1, 5, layer.in_features)
-    context.modality_ids, context.markable = torch.tensor([[0, 1, 1, 0, 0]]), frozenset({"text", "image"})
+    layer, x = random_modex_layer("paper")
     with torch.no_grad():
         got = layer(x).reshape(5, -1)
-        y = layer.base_layer(x).reshape(5, -1)
-        hidden = torch.relu(y @ layer.modex_down["default"].T)
-        up = layer.modex_up["default"].view(-1, 3, 4)
-        router = y @ layer.modex_router["default"].T + layer.modex_router_bias["default"]
-        weights = torch.softmax(router / 10.0, -1)  # no mask: image and text tokens alike
-        expected = y + sum(weights[:, e : e + 1] * (hidden @ up[:, e].T) for e in range(3))
+        expected, weights = reference_modex_output(layer, x, allowed=None)  # image and text tokens alike
         layer.modex_settings["default"].uses_masks = True  # the same tensors under modality masks
         masked = layer(x).reshape(5, -1)
     assert bool((weights > 0).all())

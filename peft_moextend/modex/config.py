@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..config_utils import ExpertConfig, strict_options
 from ..modality import validate_modalities
-from ..registration import ExpertPeftType
+from ..registration import METHODS, ExpertPeftType
 
 ROUTINGS = ("modality_masks", "paper")
 
@@ -40,7 +40,7 @@ class ModeXConfig(ExpertConfig):
             layer of the adapted part of the model.
     """
 
-    method_name: ClassVar[str] = "ModeX"
+    method_name: ClassVar[str] = METHODS[ExpertPeftType.MODEX].name
 
     bottleneck_size: int = field(default=16, metadata={"help": "Width of the shared down-projection."})
     experts: dict[str, list[str] | None] = field(

@@ -13,6 +13,7 @@ from torch import nn
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
+from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import LinearExpertLayer
 from .config import ModeXConfig
 
@@ -30,7 +31,7 @@ class ModeXLayer(LinearExpertLayer):
     `y + up(ReLU(down(y)))`.
     """
 
-    method_name = "ModeX"
+    method_name = METHODS[ExpertPeftType.MODEX].name
     adapter_layer_names = ("modex_down", "modex_up", "modex_router", "modex_router_bias")
     other_param_names = ("modex_settings",)
 

@@ -22,10 +22,6 @@ from ..routing import RoutedLayer, RoutingRecord, dispatch_mask_from_top_k
 from .config import MoExtendConfig
 from .router import extended_routing
 
-ROUTER_JITTER_ATTRIBUTES = {"mixtral": "jitter_noise"}
-"""Families whose block multiplies its input by uniform noise in `[1 - j, 1 + j]` in training (transformers'
-Mixtral, `config.router_jitter_noise`), and the block attribute holding `j`."""
-
 
 class MoExtendSettings(NamedTuple):
     """An adapter's per-layer settings (one record per adapter, `moextend_settings[adapter]`): its load-balancing
@@ -229,7 +225,8 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             return self._observed_forward(adapter, eligible, hidden_states, *args, **kwargs)
 
         block, family = self.base_layer, self.family
-        hidden = self._router_jitter(hidden_states).reshape(-1, input_shape[-1])  # (t, h)
+        # the base block's own router jitter (training only): old and new router rows and all experts see it
+        hidden = family.jitter(block, hidden_states).reshape(-1, input_shape[-1])  # (t, h)
         base_logits, base_weights, base_index = family.route(block, hidden)  # (t, e), (t, k), (t, k)
         calibration = (
             (self.moextend_calibration_in[adapter], self.moextend_calibration_out[adapter])
@@ -246,16 +243,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             # Ineligible tokens keep the base router's exact choice and weights.
             top_k_index = torch.where(eligible[:, None], top_k_index, base_index)
             top_k_weights = torch.where(eligible[:, None], top_k_weights, base_weights)
-        token_mask = self.call_inputs.token_attention_mask(hidden.shape[0])
-        if eligible is not None:
-            token_mask = eligible if token_mask is None else token_mask & eligible
-        num_experts = logits.shape[-1]
-        self.routing_records[adapter] = RoutingRecord(
-            F.softmax(logits.float(), dim=-1),
-            dispatch_mask_from_top_k(top_k_index, num_experts),
-            token_mask,
-            self.moextend_settings[adapter].aux_loss_coef,
-        )
+        self._record_routing(adapter, logits, top_k_index, eligible)
 
         num_base = self.num_base_experts
         is_base_slot = top_k_index < num_base
@@ -281,17 +269,6 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             return out, base_logits
         return out
 
-    def _router_jitter(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The base block's own router jitter, in training only: transformers' Mixtral multiplies the block's input
-        `(b, s, h)` by noise drawn uniformly from `[1 - j, 1 + j]` (`config.router_jitter_noise = j`) before its
-        router and its experts, so the old and new router rows and all experts see the same jittered input here."""
-        block = self.base_layer
-        attribute = ROUTER_JITTER_ATTRIBUTES.get(self.family.name)
-        noise = getattr(block, attribute, 0.0) if attribute is not None else 0.0
-        if not (block.training and noise > 0):
-            return hidden_states
-        return hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - noise, 1.0 + noise)
-
     def _observed_forward(
         self, adapter: str, eligible: torch.Tensor | None, hidden_states: torch.Tensor, *args, **kwargs
     ):
@@ -306,6 +283,14 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
         finally:
             handle.remove()
         logits, _, top_k_index = family.read_router_output(block, router_outputs[-1])  # (t, e), _, (t, k)
+        self._record_routing(adapter, logits, top_k_index, eligible)
+        return out
+
+    def _record_routing(
+        self, adapter: str, logits: torch.Tensor, top_k_index: torch.Tensor, eligible: torch.Tensor | None
+    ) -> None:
+        """Record the call's routing (logits `(t, e)`, chosen `(t, k)`) for `adapter`'s load-balancing loss, over the
+        non-padding tokens that may use the new experts."""
         token_mask = self.call_inputs.token_attention_mask(logits.shape[0])
         if eligible is not None:
             token_mask = eligible if token_mask is None else token_mask & eligible
@@ -315,7 +300,6 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, RoutedLayer):
             token_mask,
             self.moextend_settings[adapter].aux_loss_coef,
         )
-        return out
 
     def __repr__(self) -> str:
         return "moextend." + super().__repr__()

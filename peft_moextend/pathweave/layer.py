@@ -85,7 +85,7 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
             down, up = self.stage("down", 0, adapter), self.stage("up", 0, adapter)
             x = self._cast_input_dtype(x, down.dtype)
             return F.linear(F.linear(x, down), up) * self.stage("scale", 0, adapter)
-        options = self.pathweave_settings[adapter]
+        settings = self.pathweave_settings[adapter]
         downs = torch.stack(self.stages("down", stage + 1, adapter))  # (a, r, i)
         ups = torch.stack(self.stages("up", stage + 1, adapter))  # (a, o, r)
         scales = torch.cat(self.stages("scale", stage + 1, adapter))  # (a,)
@@ -94,15 +94,15 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
         inadapters = self.stage("inadapter", stage, adapter)  # (a-1, r, r)
         old = hidden[:, :stage]
         mapped = torch.einsum("tar,aqr->taq", old, inadapters)
-        if options.in_adapter_form == "replace":
+        if settings.in_adapter_form == "replace":
             mapped = mapped + self.stage("inadapter_bias", stage, adapter)
         else:
             mapped = old + mapped
         hidden = torch.cat([mapped, hidden[:, stage:]], dim=1)
         out = torch.einsum("tar,aor->tao", hidden, ups) * scales[None, :, None]  # (t, a, o)
-        noise = self.stage("noise", stage, adapter) if options.noisy_gate else None
+        noise = self.stage("noise", stage, adapter) if settings.noisy_gate else None
         gate = self.stage("gate", stage, adapter)
-        gates = noisy_top_k_gates(x, gate, noise, options.gate_top_k, self.training)  # (t, a)
+        gates = noisy_top_k_gates(x, gate, noise, settings.gate_top_k, self.training)  # (t, a)
         return (gates.unsqueeze(-1) * out).sum(1)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
