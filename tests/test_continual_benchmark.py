@@ -84,6 +84,44 @@ def test_example_labels_only_the_answer_and_marks_placeholders():
     assert collate([audio_row], 0)["audio_features"].shape == (1, 40, 100)
 
 
+def test_team_facts_are_balanced_recall_tasks_that_differ_only_in_their_members():
+    tasks, notes = data.load_tasks(train_size=64, test_size=30, seed=0, names=list(data.TEAM_MEMBERS))
+    assert notes == [] and [t.modality for t in tasks] == ["text"] * 3
+    for task, members in zip(tasks, data.TEAM_MEMBERS.values(), strict=True):
+        assert task.train == task.test and len(task.train) == len(members) * len(data.TEAM_QUESTIONS)
+        team_of = {}
+        for member in members:  # every member asked in every phrasing (the phrasings all tasks share)
+            for question in data.TEAM_QUESTIONS:
+                team = next(t for q, t in task.train if q == question.format(member))
+                assert team_of.setdefault(member, team) == team  # one team per member, in every phrasing
+        assert sorted(team_of.values()) == [0, 0, 1, 1, 2, 2, 3, 3]  # 2 members per team: no majority answer
+    again, _ = data.load_tasks(train_size=1, test_size=1, seed=0, names=["fruit_teams"])
+    other_seed, _ = data.load_tasks(train_size=1, test_size=1, seed=1, names=["fruit_teams"])
+    assert again[0].train == tasks[1].train and other_seed[0].train != tasks[1].train
+
+
+def test_text_examples_have_no_placeholders_and_take_the_input_ids_path():
+    from benchmarks.continual.model import model_inputs
+    from benchmarks.continual.runner import towers_path
+
+    task = data.Task("facts", "text", "", ["red", "blue"], "", [], [])
+    row = example(task, "Which team does the cat play for?", "red", VOCABULARY)
+    prompt = VOCABULARY.encode("<|im_start|>user\nWhich team does the cat play for?<|im_end|>\n<|im_start|>assistant\n")
+    answer = VOCABULARY.encode("red<|im_end|>")
+    assert row["input_ids"] == prompt + answer and row["labels"] == [-100] * len(prompt) + answer
+    assert set(row["modality_ids"]) == {0}
+    batch = collate([row], 0)
+    assert "pixel_values" not in batch and "audio_features" not in batch
+    model = torch.nn.Linear(1, 1)  # neither a PeftModel nor one of our methods: no modality_ids
+    inputs = model_inputs(model, None, batch, VOCABULARY)
+    assert set(inputs) == {"input_ids", "attention_mask", "labels"}
+    assert torch.equal(inputs["input_ids"], torch.tensor([row["input_ids"]]))
+    image = data.Task("digits", "image", "?", ["0"], "", [], [])
+    settings = {"train_size": 4, "align_per_task": 4, "align_epochs": 1, "seed": 0, "tasks": ["facts"]}
+    assert towers_path([task], settings) is None
+    assert towers_path([task, image], settings) is not None
+
+
 def test_alignment_captions_do_not_depend_on_the_label():
     image = np.random.default_rng(0).random((28, 28)).astype(np.float32)
     task = data.Task("digits", "image", "?", ["0", "1"], "", [(image, 0), (image, 1)], [])
@@ -209,7 +247,16 @@ def _results(tmp_path: Path) -> dict:
         "machine": "test",
         "settings": {"seed": 0, "threads": 2, "quick": True, "train_size": 4, "epochs": 1, "test_size": 2},
         "notes": [],
-        "alignment": {"cached": True, "base_accuracy": {"digits": 0.0, "letters": 0.0}, "text_probe": base},
+        "tasks": [
+            {"name": name, "modality": "image", "classes": list("0123456789"), "source": "", "train": 4, "test": 2}
+            for name in ("digits", "letters")
+        ],
+        "alignment": {
+            "cached": True,
+            "path": "towers.pt",
+            "base_accuracy": {"digits": 0.0, "letters": 0.0},
+            "text_probe": base,
+        },
         "methods": methods,
         "total_seconds": 60.0,
     }
@@ -225,6 +272,7 @@ def test_report_shows_text_change_locator_rejections_and_extended_layers(tmp_pat
     assert "| 100% | 50.0% (+0.0 pt) | 20.00 (+0.0%) |" in rows["| CMoE"]
     assert "inputs no task claimed (base path): digits 1.0%, letters 0.0%." in text
     assert "digits 30 modules in layers 15-17; letters 2 modules in layers 20." in text
+    assert "Tasks in order: digits (image, 4 train / 2 test), letters (image, 4 train / 2 test); 1 epoch(s)" in text
     plot_first_task(results, ["digits", "letters"], tmp_path / "first_task.png")
     assert (tmp_path / "first_task.png").stat().st_size > 10_000
 

@@ -1,12 +1,14 @@
-"""The benchmark's tasks, from real data that installs offline, as (input array, class index) pairs.
+"""The benchmark's tasks, from real data that installs offline, as (input, class index) pairs.
 
-Images are `(28, 28)` float32 in [0, 1]; audio clips are `(num_mel_bins, num_frames)` float32 log-mel spectrograms.
+Images are `(28, 28)` float32 in [0, 1]; audio clips are `(num_mel_bins, num_frames)` float32 log-mel spectrograms;
+the inputs of text tasks are the question strings.
 A task whose optional data package is missing raises `MissingData` with the command that installs it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import gzip
 import importlib.util
 import pickle
@@ -41,12 +43,12 @@ class Task:
     """One classification task asked as a question with a short answer (the class name)."""
 
     name: str
-    modality: str  # "image" or "audio"
-    question: str
+    modality: str  # "image", "audio" or "text"
+    question: str  # text tasks: the question is each input
     classes: list[str]
     source: str
-    train: list[tuple[np.ndarray, int]] = field(repr=False)
-    test: list[tuple[np.ndarray, int]] = field(repr=False)
+    train: list[tuple[np.ndarray | str, int]] = field(repr=False)
+    test: list[tuple[np.ndarray | str, int]] = field(repr=False)
 
 
 def _split(inputs: np.ndarray, labels: np.ndarray, train_size: int, test_size: int, seed: int):
@@ -282,6 +284,29 @@ TASK_LOADERS = {
     "parity": digit_parity,
     "spoken": spoken_digits,
 }
+TEAMS = ["red", "blue", "green", "yellow"]
+TEAM_MEMBERS = {
+    "animal_teams": ["cat", "dog", "horse", "rabbit", "tiger", "mouse", "sheep", "eagle"],
+    "fruit_teams": ["apple", "banana", "cherry", "lemon", "mango", "peach", "grape", "melon"],
+    "tool_teams": ["hammer", "saw", "drill", "wrench", "shovel", "rake", "chisel", "ladder"],
+}
+TEAM_QUESTIONS = ("Which team does the {} play for?", "The {} plays for which team?")
+
+
+def team_facts(name: str, train_size: int, test_size: int, seed: int) -> Task:
+    """New facts (text only): a fictional league where each of 8 animals / fruits / tools plays for one of 4
+    teams (2 members per team, drawn with `seed`), asked in two phrasings. Training and test are the same 16
+    questions (`train_size` and `test_size` do not apply): the task is to learn and keep the taught facts (recall),
+    not to generalise to unseen members. The three tasks share their phrasings and answers, so a shared adapter
+    overwrites what earlier tasks taught, and a task locator must tell them apart by their members alone."""
+    members = TEAM_MEMBERS[name]
+    rng = np.random.default_rng([seed, list(TEAM_MEMBERS).index(name)])
+    teams = rng.permutation(np.repeat(np.arange(len(TEAMS)), len(members) // len(TEAMS)))
+    rows = [(question.format(m), int(t)) for m, t in zip(members, teams, strict=True) for question in TEAM_QUESTIONS]
+    return Task(name, "text", "Which team does the ... play for?", TEAMS, "team facts (made up)", rows, rows)
+
+
+TASK_LOADERS |= {name: functools.partial(team_facts, name) for name in TEAM_MEMBERS}
 TASK_NAMES = tuple(TASK_LOADERS)
 DEFAULT_TASKS = ("digits", "animals", "fashion", "spoken")
 

@@ -140,16 +140,23 @@ class Towers(nn.Module):
         self.audio_tower = AudioTower(vlm.config.text_config.hidden_size)
 
 
-def example(task: Task, inputs: np.ndarray, answer: str, vocabulary: Vocabulary) -> dict:
-    """One chat-turn example of `task` (see the module docstring); `answer` may be any label string."""
-    placeholder, count = (
-        (vocabulary.image_id, NUM_IMAGE_TOKENS) if task.modality == "image" else (vocabulary.audio_id, NUM_AUDIO_TOKENS)
-    )
-    prompt = (
-        vocabulary.encode("<|im_start|>user\n")
-        + [placeholder] * count
-        + vocabulary.encode(f"\n{task.question}<|im_end|>\n<|im_start|>assistant\n")
-    )
+def example(task: Task, inputs: np.ndarray | str, answer: str, vocabulary: Vocabulary) -> dict:
+    """One chat-turn example of `task` (see the module docstring); `answer` may be any label string. A text task's
+    input is its question."""
+    if task.modality == "text":
+        prompt = vocabulary.encode(f"<|im_start|>user\n{inputs}<|im_end|>\n<|im_start|>assistant\n")
+        placeholder = None
+    else:
+        placeholder, count = (
+            (vocabulary.image_id, NUM_IMAGE_TOKENS)
+            if task.modality == "image"
+            else (vocabulary.audio_id, NUM_AUDIO_TOKENS)
+        )
+        prompt = (
+            vocabulary.encode("<|im_start|>user\n")
+            + [placeholder] * count
+            + vocabulary.encode(f"\n{task.question}<|im_end|>\n<|im_start|>assistant\n")
+        )
     target = vocabulary.encode(f"{answer}<|im_end|>")
     modality = modality_index(task.modality)
     return {
@@ -177,6 +184,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         "modality_ids": pad("modality_ids", 0),
         "modality": rows[0]["modality"],
     }
+    if batch["modality"] == "text":
+        return batch
     inputs = torch.from_numpy(np.stack([r["inputs"] for r in rows]))
     if batch["modality"] == "image":
         batch["pixel_values"] = (inputs[:, None] - 0.5) / 0.5  # (b, 1, 28, 28) in [-1, 1]
@@ -203,6 +212,8 @@ def model_inputs(
     common = {"attention_mask": batch["attention_mask"], "labels": batch["labels"]}
     if accepts_modality_ids(model) if with_modality_ids is None else with_modality_ids:
         common["modality_ids"] = batch["modality_ids"]
+    if batch["modality"] == "text":
+        return {"input_ids": batch["input_ids"], **common}
     if batch["modality"] == "image":
         return {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], **common}
     input_ids = batch["input_ids"]

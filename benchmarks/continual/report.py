@@ -77,11 +77,12 @@ def plot_first_task(results: dict, tasks: list[str], path: Path) -> None:
         result = results["methods"][method]
         first_task = [row[0] for row in result["accuracy"]]
         left.plot(range(len(first_task)), first_task, marker="o", label=result["label"])
-    left.axhline(0.1, color="grey", linestyle=":", label="chance (10 classes)")
+    classes = len(results["tasks"][0]["classes"])
+    left.axhline(1 / classes, color="grey", linestyle=":", label=f"chance ({classes} classes)")
     left.set_xticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
-    left.set_ylim(0, 1)
+    left.set_ylim(0, 1.05)
     left.set_ylabel(f"accuracy on {tasks[0]} (first task)")
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="lower left")
     identical = [
         text_change(results["methods"][m]["text_probe"], results["methods"][m].get("text_probe_before", base_probe))[
             "identical_replies"
@@ -150,14 +151,19 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
         f"# Continual modality & task extension benchmark ({'quick' if settings['quick'] else 'full'} run)",
         "",
         f"Run {results['date']} on {results['machine']}; seed {settings['seed']}, {settings['threads']} threads, "
-        f"total {results['total_seconds'] / 60:.1f} min. Tasks in order: {', '.join(tasks)} "
-        f"({settings['train_size']} training examples each, {settings['epochs']} epoch(s); "
-        f"{settings['test_size']} test examples per image task).",
+        f"total {results['total_seconds'] / 60:.1f} min. Tasks in order: "
+        + ", ".join(f"{t['name']} ({t['modality']}, {t['train']} train / {t['test']} test)" for t in results["tasks"])
+        + f"; {settings['epochs']} epoch(s) of batch {settings.get('batch_size', 16)} per task.",
         "",
         "Model: SmolLM2-135M-Instruct inside transformers' `LlavaForConditionalGeneration` (2-layer SigLIP vision "
-        "tower + projector) plus a 3-layer convolutional audio encoder + projector; the towers were trained in a "
-        f"label-free alignment stage ({'cached' if alignment['cached'] else 'this run'}) and are frozen and shared. "
-        "Every method adapts layers 15-29. Accuracy = greedy exact match of the answer.",
+        "tower + projector) plus a 3-layer convolutional audio encoder + projector; "
+        + (
+            "no task has images or audio, so the towers are unused. "
+            if alignment["path"] is None
+            else "the towers were trained in a label-free alignment stage "
+            f"({'cached' if alignment['cached'] else 'this run'}) and are frozen and shared. "
+        )
+        + "Every method adapts layers 15-29. Accuracy = greedy exact match of the answer.",
         "",
     ]
     for note in results["notes"]:

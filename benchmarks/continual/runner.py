@@ -44,15 +44,22 @@ def alignment_path(settings: dict) -> Path:
     return CACHE_DIR / f"towers-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
+def towers_path(tasks: list[Task], settings: dict) -> Path | None:
+    """Where the aligned towers of these settings are cached; None when every task is text (no tower is used)."""
+    return alignment_path(settings) if any(t.modality != "text" for t in tasks) else None
+
+
 def align(tasks: list[Task], settings: dict) -> dict:
     """Train the vision tower, projector and audio tower through the frozen language model on label-free captions
-    (cached by settings), then measure the base model: task accuracies (before any adapter) and the text probe."""
+    (cached by settings; skipped when every task is text), then measure the base model: task accuracies (before
+    any adapter) and the text probe."""
     torch.manual_seed(settings["seed"])
     torch.set_num_threads(settings["threads"])
-    path = alignment_path(settings)
-    vlm, towers, vocabulary, _ = _frozen_vlm(0, path if path.exists() else None)
-    report: dict = {"cached": path.exists(), "path": str(path)}
-    if not path.exists():
+    path = towers_path(tasks, settings)
+    cached = path is not None and path.exists()
+    vlm, towers, vocabulary, _ = _frozen_vlm(0, path if cached else None)
+    report: dict = {"cached": cached, "path": None if path is None else str(path)}
+    if path is not None and not cached:
         rows = alignment_rows(tasks, vocabulary, settings["align_per_task"])
         parameters = list(towers.parameters())
         for parameter in parameters:
@@ -67,6 +74,7 @@ def align(tasks: list[Task], settings: dict) -> dict:
             learning_rate=1e-3,
             seed=settings["seed"],
             description="alignment (towers + projectors)",
+            progress=settings["progress"],
             parameters=parameters,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +101,7 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
     torch.manual_seed(settings["seed"])
     torch.set_num_threads(settings["threads"])
     method = METHODS[name]
-    vlm, towers, vocabulary, upcycling_error = _frozen_vlm(4 if method.moe else 0, alignment_path(settings))
+    vlm, towers, vocabulary, upcycling_error = _frozen_vlm(4 if method.moe else 0, towers_path(tasks, settings))
     train_rows = {t.name: task_rows(t, "train", vocabulary) for t in tasks}
     test_rows = {t.name: task_rows(t, "test", vocabulary) for t in tasks}
 
@@ -117,10 +125,11 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
             train_rows[task.name],
             vocabulary,
             epochs=settings["epochs"],
-            batch_size=16,
+            batch_size=settings["batch_size"],
             learning_rate=method.learning_rate,
             seed=settings["seed"] + stage,
             description=f"{name}: {task.name}",
+            progress=settings["progress"],
         )
         fitted = method.end_stage(model, task, model_batches(model, train_rows[task.name]))
         stage_report |= {"task": task.name, "trainable": trainable, "stage_seconds": time.perf_counter() - started}

@@ -112,9 +112,10 @@ def train(
     description: str,
     call_kwargs: dict | None = None,
     parameters: list[torch.nn.Parameter] | None = None,
+    progress: bool = True,
 ) -> dict:
     """AdamW with linear warm-up and cosine decay over `epochs` of `rows` (mixed modalities are batched per
-    modality). Returns seconds, steps and the mean loss of the last 10 steps."""
+    modality), with a progress bar if `progress`. Returns seconds, steps and the mean loss of the last 10 steps."""
     parameters = parameters or [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     by_modality: dict[str, list[dict]] = {}
@@ -134,8 +135,8 @@ def train(
     model.train()
     losses = []
     started = time.perf_counter()
-    progress = tqdm(plan, desc=description, leave=False, dynamic_ncols=True)
-    for batch in progress:
+    bar = tqdm(plan, desc=description, leave=False, dynamic_ncols=True, disable=not progress)
+    for batch in bar:
         loss = model(**model_inputs(model, towers, batch, vocabulary), **(call_kwargs or {})).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,7 +144,7 @@ def train(
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        progress.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
     model.eval()
     return {"seconds": time.perf_counter() - started, "steps": len(plan), "final_loss": float(np.mean(losses[-10:]))}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import ExpertTuner

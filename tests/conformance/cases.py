@@ -210,7 +210,7 @@ def _cmoe_valid(options: dict) -> bool:
     return (
         options.get("r", 8) >= 1
         and options.get("experts_per_task", 2) >= 1
-        and 0 <= options.get("probe_threshold", 0.2) <= 1
+        and 0 <= options.get("probe_threshold", 0.0) <= 1
         and options.get("locator", "vae") in ("vae", "gaussian")
         and options.get("locator_latent_size", 16) >= 1
     )
