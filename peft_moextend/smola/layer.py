@@ -5,6 +5,8 @@ Einstein notation: t - tokens, i - in features, o - out features, e - experts (a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,13 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
         for adapter in active:
             settings = self.smola_settings[adapter]
             weight_a, weight_b, router = self.smola_A[adapter], self.smola_B[adapter], self.smola_router[adapter]
+            if settings.top_k is None:  # the soft router keeps no routing record: eval may take the fast path
+                modality = self.inference_modality(tokens.shape[0], settings.needed_modalities)
+                if modality is not None:
+                    delta = self._inference_delta(settings, weight_a, weight_b, router, x, modality)
+                    if delta is not None:
+                        result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+                    continue
             inputs = self._cast_input_dtype(tokens, weight_a.dtype)
             logits = F.linear(inputs, router) / settings.temperature  # (t, e)
             gates, dispatch = route(
@@ -80,8 +89,56 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
             result = result + delta.reshape(*x.shape[:-1], -1).to(result.dtype)
         return result
 
+    def _inference_delta(
+        self,
+        settings: _GroupSettings,
+        weight_a: torch.Tensor,
+        weight_b: torch.Tensor,
+        router: torch.Tensor,
+        x: torch.Tensor,
+        modality: int,
+    ) -> torch.Tensor | None:
+        """The soft mixture's `(..., o)` delta for tokens `x` `(..., i)` that all have modality id `modality` (-1:
+        the adapter tells no modalities apart), in eval without autograd; None when no expert acts on them. Only the
+        experts of the groups serving `modality` run (the others' gates are 0), with their weights copied out once
+        per prompt. The skipped experts only add exact zeros in the general path, and every other op is the same."""
+        weights = self.derived(
+            (settings, modality),
+            (weight_a, weight_b, router),
+            lambda: settings.inference_weights(weight_a, weight_b, router, modality),
+        )
+        if weights is None:
+            return None
+        num_experts, rank = len(weights.expert_ids), settings.rank
+        inputs = self._cast_input_dtype(x, weight_a.dtype)
+        hidden, logits = F.linear(inputs, weights.down), F.linear(inputs, weights.router)  # (..., e*r), (..., e)
+        if settings.temperature != 1.0:
+            logits = logits / settings.temperature
+        if len(weights.group_sizes) == 1:
+            gates = logits.softmax(dim=-1)  # (..., e)
+        else:
+            gates = torch.cat([part.softmax(dim=-1) for part in logits.split(weights.group_sizes, dim=-1)], dim=-1)
+        mixed = (hidden.unflatten(-1, (num_experts, rank)) * gates.unsqueeze(-1)).flatten(-2)  # (..., e*r)
+        delta = F.linear(mixed, weights.up)
+        return delta if settings.scaling == 1.0 else delta * settings.scaling
+
     def __repr__(self) -> str:
         return "smola." + super().__repr__()
+
+
+class _InferenceWeights(NamedTuple):
+    """The weights of the experts acting on one modality, for the inference fast path.
+
+    down: `(e*r, i)`, router: `(e, i)`, up: `(o, e*r)`; expert_ids: their indices among all experts; group_sizes:
+    their groups' sizes, in order. (Down projections and router rows are not fused into one matmul: its other
+    shape rounds differently at some batch sizes, and is no faster.)
+    """
+
+    down: torch.Tensor
+    router: torch.Tensor
+    up: torch.Tensor
+    expert_ids: list[int]
+    group_sizes: list[int]
 
 
 class _GroupSettings:
@@ -106,7 +163,9 @@ class _GroupSettings:
         self._eligibility = (self.expert_modality[None, :] == every_modality) | (self.expert_modality[None, :] < 0)
         # non-text modalities the groups tell apart; None when every group is "multimodal" (no modality needed)
         self.needed_modalities = (
-            {g for g in groups if g not in (MULTIMODAL, "text")} if any(g != MULTIMODAL for g in groups) else None
+            frozenset(g for g in groups if g not in (MULTIMODAL, "text"))
+            if any(g != MULTIMODAL for g in groups)
+            else None
         )
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
@@ -114,3 +173,26 @@ class _GroupSettings:
         if self._eligibility.device != modalities.device:
             self._eligibility = self._eligibility.to(modalities.device)
         return self._eligibility[modalities]
+
+    def inference_weights(
+        self, weight_a: torch.Tensor, weight_b: torch.Tensor, router: torch.Tensor, modality: int
+    ) -> _InferenceWeights | None:
+        """The weights of the experts acting on tokens of modality id `modality` (-1: every expert), copied out of
+        `weight_a` `(E*r, i)`, `weight_b` `(o, E*r)` and `router` `(E, i)`; None when no expert acts on them."""
+        served = self.expert_modality.tolist()
+        expert_ids = [e for e, m in enumerate(served) if modality < 0 or m < 0 or m == modality]
+        if not expert_ids:
+            return None
+        group_sizes = [
+            sum(1 for e in expert_ids if e in range(start, start + size))
+            for start, size in zip(_starts(self.group_sizes), self.group_sizes)
+        ]
+        ids = torch.tensor(expert_ids, device=weight_a.device)
+        down = weight_a.detach().unflatten(0, (-1, self.rank))[ids].flatten(0, 1)  # (e*r, i)
+        up = weight_b.detach().unflatten(1, (-1, self.rank))[:, ids].flatten(1)  # (o, e*r)
+        return _InferenceWeights(down, router.detach()[ids], up, expert_ids, [n for n in group_sizes if n])
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Start index of each of consecutive blocks of `sizes`."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
