@@ -5,6 +5,8 @@ Einstein notation: t - tokens, o - features of the adapted output, b - bottlenec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -71,10 +73,38 @@ class ModeXLayer(LinearExpertLayer):
             y = self._cast_input_dtype(outputs, down.dtype)
             hidden = F.relu(F.linear(y, down))  # (t, b)
             if adapter in self.modex_router:  # else a single expert
+                settings = self.modex_settings[adapter]
+                modality = self.inference_modality(
+                    y.shape[0], settings.needed_modalities if settings.uses_masks else None
+                )
+                if modality is not None:
+                    delta = self._inference_delta(adapter, settings, y, hidden, modality)
+                    if delta is not None:
+                        outputs = outputs + (delta if delta.dtype == outputs.dtype else delta.to(outputs.dtype))
+                    continue
                 weights = self._coordinator_weights(adapter, y)  # (t, e)
                 hidden = (weights.unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
             outputs = outputs + F.linear(hidden, self.modex_up[adapter]).to(outputs.dtype)
-        return outputs.reshape(result.shape)
+        return outputs.view(result.shape)
+
+    def _inference_delta(
+        self, adapter: str, settings: _ExpertSettings, y: torch.Tensor, hidden: torch.Tensor, modality: int
+    ) -> torch.Tensor | None:
+        """The experts' `(t, o)` delta for outputs `y` `(t, o)` and their bottleneck `hidden` `(t, b)`, when all
+        tokens have modality id `modality` (-1: no masks), in eval without autograd; None when no expert may act on
+        them. Only the experts that may act run: their coordinator rows and up projections, copied out once per
+        prompt. The others' weights are exact zeros in the general path, and every other op is the same."""
+        router, router_bias, up = self.modex_router[adapter], self.modex_router_bias[adapter], self.modex_up[adapter]
+        weights = self.derived(
+            (settings, modality),
+            (router, router_bias, up),
+            lambda: settings.inference_weights(router, router_bias, up, modality),
+        )
+        if weights is None:
+            return None
+        logits = F.linear(y, weights.router, weights.router_bias) / settings.temperature  # (t, e)
+        mixed = (torch.softmax(logits, dim=-1).unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
+        return F.linear(mixed, weights.up)
 
     def _coordinator_weights(self, adapter: str, y: torch.Tensor) -> torch.Tensor:
         """`(t, e)` expert weights of the tokens `y` `(t, o)`: the coordinator's softmax, over the experts each token's
@@ -141,9 +171,9 @@ class _ExpertSettings:
         ]
         self.uses_masks = config.routing == "modality_masks" and any(m is not None for m in self.expert_modalities)
         # non-text modalities the model must be able to mark (placeholder ids or explicit modality_ids)
-        self.needed_modalities = {m for modalities in config.experts.values() if modalities for m in modalities} - {
-            "text"
-        }
+        self.needed_modalities = frozenset(
+            m for modalities in config.experts.values() if modalities for m in modalities
+        ).difference(("text",))
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
         """`(t, e)` bool: expert e may act on token t."""
@@ -154,3 +184,29 @@ class _ExpertSettings:
             for allowed in self.expert_modalities
         ]
         return torch.stack(columns, dim=-1)
+
+    def inference_weights(
+        self, router: torch.Tensor, router_bias: torch.Tensor, up: torch.Tensor, modality: int
+    ) -> _InferenceWeights | None:
+        """The coordinator rows and up projections of the experts that may act on tokens of modality id `modality`
+        (-1: every expert), copied out of `router` `(E, o)`, `router_bias` `(E,)` and `up` `(o, E*b)`; None when no
+        expert may."""
+        expert_ids = [
+            e
+            for e, allowed in enumerate(self.expert_modalities)
+            if modality < 0 or not self.uses_masks or allowed is None or modality in allowed
+        ]
+        if not expert_ids:
+            return None
+        ids = torch.tensor(expert_ids, device=router.device)
+        up = up.detach().unflatten(1, (router.shape[0], -1))[:, ids].flatten(1)  # (o, e*b)
+        return _InferenceWeights(router.detach()[ids], router_bias.detach()[ids], up)
+
+
+class _InferenceWeights(NamedTuple):
+    """Coordinator rows `(e, o)`, their biases `(e,)` and up projections `(o, e*b)` of the experts acting on one
+    modality, for the inference fast path."""
+
+    router: torch.Tensor
+    router_bias: torch.Tensor
+    up: torch.Tensor
