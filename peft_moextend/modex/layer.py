@@ -152,7 +152,8 @@ class ModeXNormLayer(nn.Module, BaseTunerLayer):
         for adapter in self.active_adapters:
             if adapter in self.modex_norm_scale:
                 scale, shift = self.modex_norm_scale[adapter], self.modex_norm_shift[adapter]
-                result = (result * scale + shift).to(result.dtype)
+                affine = result * scale + shift
+                result = affine if affine.dtype == result.dtype else affine.to(result.dtype)
         return result
 
     def __repr__(self) -> str:
