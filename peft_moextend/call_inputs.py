@@ -55,8 +55,7 @@ class CallInputs:
     """Inputs of the current (or last) call of one adapted transformers model, shared by its adapter layers.
 
     Get it with `CallInputs.attach(model)`; layers read it through `layer_modality_ids`, `token_attention_mask`,
-    `task_request`, `is_continuation`, `call_index` (incremented by every model call) and `prompt_index`
-    (incremented by every call that does not continue a cached generation: a new prompt).
+    `task_request`, `is_continuation`, `call_index` (incremented by every model call) and `uniform_modality`.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -67,7 +66,6 @@ class CallInputs:
         self.task_request: str | list[str] | None = None
         self.is_continuation = False
         self.call_index = 0
-        self.prompt_index = 0
         # the modality id every token of the call has, when one is known to cover them all (see `uniform_modality`)
         self._uniform_modality: int | None = None
         # the model's routed layers, found at the first call after an injection (`attach` forgets them)
@@ -115,7 +113,6 @@ class CallInputs:
         self.call_index += 1
         cache = kwargs.get("past_key_values")
         self.is_continuation = bool(cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length())
-        self.prompt_index += not self.is_continuation
         self._uniform_modality = _UNKNOWN
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
@@ -222,7 +219,7 @@ class CallInputs:
         if self._uniform_modality == _UNKNOWN:
             self._uniform_modality = None
             if ids.device.type == "cpu" and ids.numel():
-                first = int(ids.view(-1)[0])
+                first = int(ids.reshape(-1)[0])
                 self._uniform_modality = first if bool((ids == first).all()) else None
         return self._uniform_modality
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
 import torch
 from peft.config import PeftConfig
@@ -22,8 +21,6 @@ from .expert_quantization import quantize_experts_like_the_base
 from .modality import media_tower
 from .quantization import linear_features, protect_cpu_4bit_layers
 from .targets import default_language_model_targets
-
-Derived = TypeVar("Derived")
 
 
 class ExpertTuner(BaseTuner):
@@ -188,16 +185,11 @@ class LinearExpertLayer(nn.Module, BaseTunerLayer):
         self.call_inputs = call_inputs
         self._disable_adapters = False
         self.merged_adapters = []
-        self._derived: dict[object, tuple[int, tuple, object]] = {}
 
     def place_adapter(self, adapter_name: str) -> None:
         """Move the adapter's tensors to the base layer's device and (floating) dtype, as PEFT's LoRA does; tensors
         on the meta device (`low_cpu_mem_usage=True`) stay there until the weights are loaded."""
         self._move_adapter_to_device_of_base_layer(adapter_name)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._derived.clear()
-        super().delete_adapter(adapter_name)
 
     def modality_ids(self, num_tokens: int, needed: Iterable[str], device: torch.device) -> torch.Tensor:
         """`(num_tokens,)` modality id of every token this layer sees (see `CallInputs.layer_modality_ids`)."""
@@ -205,7 +197,7 @@ class LinearExpertLayer(nn.Module, BaseTunerLayer):
 
     def inference_modality(self, num_tokens: int, needed: frozenset[str] | None) -> int | None:
         """The modality id all `num_tokens` tokens of this call share, when the layer may take its inference fast
-        path: eval mode, no autograd (nothing to train, no dropout, no gradients owed to unused experts) and one
+        path: eval mode and no autograd (no dropout, nothing to record for training) and one
         modality known for free (`CallInputs.uniform_modality`; `needed` without "text"); -1 when the layer tells
         no modalities apart (`needed` None). Else None: the general path."""
         if self.training or torch.is_grad_enabled():
@@ -213,18 +205,6 @@ class LinearExpertLayer(nn.Module, BaseTunerLayer):
         if needed is None:
             return -1
         return self.call_inputs.uniform_modality(num_tokens, self.tower_modality, needed)
-
-    def derived(self, key: object, sources: tuple[torch.Tensor, ...], build: Callable[[], Derived]) -> Derived:
-        """Tensors the inference fast path derives from the parameters `sources` (fused or sliced weights),
-        built by `build()` once per prompt: rebuilt at every call that starts a new prompt and whenever a source is
-        replaced or changed in place since (its version counter), so they never outlive the weights they copy."""
-        stamp = tuple((id(t), t._version, t.data_ptr()) for t in sources)
-        prompt = self.call_inputs.prompt_index
-        entry = self._derived.get(key)
-        if entry is None or entry[0] != prompt or entry[1] != stamp:
-            entry = (prompt, stamp, build())
-            self._derived[key] = entry
-        return entry[2]
 
 
 class StagedParameters:

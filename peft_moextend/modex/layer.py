@@ -5,8 +5,6 @@ Einstein notation: t - tokens, o - features of the adapted output, b - bottlenec
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -92,19 +90,18 @@ class ModeXLayer(LinearExpertLayer):
     ) -> torch.Tensor | None:
         """The experts' `(t, o)` delta for outputs `y` `(t, o)` and their bottleneck `hidden` `(t, b)`, when all
         tokens have modality id `modality` (-1: no masks), in eval without autograd; None when no expert may act on
-        them. Only the experts that may act run: their coordinator rows and up projections, copied out once per
-        prompt. The others' weights are exact zeros in the general path, and every other op is the same."""
-        router, router_bias, up = self.modex_router[adapter], self.modex_router_bias[adapter], self.modex_up[adapter]
-        weights = self.derived(
-            (settings, modality),
-            (router, router_bias, up),
-            lambda: settings.inference_weights(router, router_bias, up, modality),
-        )
-        if weights is None:
-            return None
-        logits = F.linear(y, weights.router, weights.router_bias) / settings.temperature  # (t, e)
+        them. The experts the modality may not use are masked with one constant row, without per-token eligibility
+        tensors; every tensor has the general path's shape and every value is computed as there, so the outputs
+        are the same bit for bit."""
+        logits = F.linear(y, self.modex_router[adapter], self.modex_router_bias[adapter]) / settings.temperature
+        if modality >= 0:
+            blocked = settings.blocked(modality, logits.device)  # (e,)
+            if blocked is None:
+                return None
+            if settings.blocks_any(modality):
+                logits = logits.masked_fill(blocked, float("-inf"))
         mixed = (torch.softmax(logits, dim=-1).unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
-        return F.linear(mixed, weights.up)
+        return F.linear(mixed, self.modex_up[adapter])
 
     def _coordinator_weights(self, adapter: str, y: torch.Tensor) -> torch.Tensor:
         """`(t, e)` expert weights of the tokens `y` `(t, o)`: the coordinator's softmax, over the experts each token's
@@ -170,11 +167,27 @@ class _ExpertSettings:
             None if modalities is None else [modality_index(m) for m in modalities]
             for modalities in config.experts.values()
         ]
+        self._blocked: dict[tuple[int, torch.device], torch.Tensor | None] = {}
         self.uses_masks = config.routing == "modality_masks" and any(m is not None for m in self.expert_modalities)
         # non-text modalities the model must be able to mark (placeholder ids or explicit modality_ids)
         self.needed_modalities = frozenset(
             m for modalities in config.experts.values() if modalities for m in modalities
         ).difference(("text",))
+
+    def blocks_any(self, modality: int) -> bool:
+        """Whether some expert may not act on tokens of modality id `modality`."""
+        return any(allowed is not None and modality not in allowed for allowed in self.expert_modalities)
+
+    def blocked(self, modality: int, device: torch.device) -> torch.Tensor | None:
+        """`(e,)` bool: the experts that may not act on tokens of modality id `modality` (made once per device);
+        None when no expert may."""
+        key = (modality, device)
+        if key not in self._blocked:
+            row = torch.tensor(
+                [allowed is not None and modality not in allowed for allowed in self.expert_modalities], device=device
+            )
+            self._blocked[key] = None if bool(row.all()) else row
+        return self._blocked[key]
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
         """`(t, e)` bool: expert e may act on token t."""
@@ -185,29 +198,3 @@ class _ExpertSettings:
             for allowed in self.expert_modalities
         ]
         return torch.stack(columns, dim=-1)
-
-    def inference_weights(
-        self, router: torch.Tensor, router_bias: torch.Tensor, up: torch.Tensor, modality: int
-    ) -> _InferenceWeights | None:
-        """The coordinator rows and up projections of the experts that may act on tokens of modality id `modality`
-        (-1: every expert), copied out of `router` `(E, o)`, `router_bias` `(E,)` and `up` `(o, E*b)`; None when no
-        expert may."""
-        expert_ids = [
-            e
-            for e, allowed in enumerate(self.expert_modalities)
-            if modality < 0 or not self.uses_masks or allowed is None or modality in allowed
-        ]
-        if not expert_ids:
-            return None
-        ids = torch.tensor(expert_ids, device=router.device)
-        up = up.detach().unflatten(1, (router.shape[0], -1))[:, ids].flatten(1)  # (o, e*b)
-        return _InferenceWeights(router.detach()[ids], router_bias.detach()[ids], up)
-
-
-class _InferenceWeights(NamedTuple):
-    """Coordinator rows `(e, o)`, their biases `(e,)` and up projections `(o, e*b)` of the experts acting on one
-    modality, for the inference fast path."""
-
-    router: torch.Tensor
-    router_bias: torch.Tensor
-    up: torch.Tensor

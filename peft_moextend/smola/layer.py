@@ -5,8 +5,6 @@ Einstein notation: t - tokens, i - in features, o - out features, e - experts (a
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,46 +97,33 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
         modality: int,
     ) -> torch.Tensor | None:
         """The soft mixture's `(..., o)` delta for tokens `x` `(..., i)` that all have modality id `modality` (-1:
-        the adapter tells no modalities apart), in eval without autograd; None when no expert acts on them. Only the
-        experts of the groups serving `modality` run (the others' gates are 0), with their weights copied out once
-        per prompt. The skipped experts only add exact zeros in the general path, and every other op is the same."""
-        weights = self.derived(
-            (settings, modality),
-            (weight_a, weight_b, router),
-            lambda: settings.inference_weights(weight_a, weight_b, router, modality),
-        )
-        if weights is None:
+        the adapter tells no modalities apart), in eval without autograd; None when no expert acts on them. The
+        groups that do not serve `modality` get gate 0 without a softmax or an eligibility lookup; every tensor has
+        the general path's shape and every value is computed as there, so the outputs are the same bit for bit."""
+        served = settings.served_groups(modality)
+        if not any(served):
             return None
-        num_experts, rank = len(weights.expert_ids), settings.rank
         inputs = self._cast_input_dtype(x, weight_a.dtype)
-        hidden, logits = F.linear(inputs, weights.down), F.linear(inputs, weights.router)  # (..., e*r), (..., e)
+        logits = F.linear(inputs, router)  # (..., e)
         if settings.temperature != 1.0:
             logits = logits / settings.temperature
-        if len(weights.group_sizes) == 1:
-            gates = logits.softmax(dim=-1)  # (..., e)
+        if len(served) == 1:
+            gates = logits.softmax(dim=-1)
         else:
-            gates = torch.cat([part.softmax(dim=-1) for part in logits.split(weights.group_sizes, dim=-1)], dim=-1)
-        mixed = (hidden.unflatten(-1, (num_experts, rank)) * gates.unsqueeze(-1)).flatten(-2)  # (..., e*r)
-        delta = F.linear(mixed, weights.up)
+            zero = settings.zero(logits)
+            gates = torch.cat(
+                [
+                    part.softmax(dim=-1) if serves else zero.expand(part.shape)
+                    for part, serves in zip(logits.split(settings.group_sizes, dim=-1), served)
+                ],
+                dim=-1,
+            )  # (..., e)
+        hidden = F.linear(inputs, weight_a).unflatten(-1, (len(settings.expert_group), settings.rank))  # (..., e, r)
+        delta = F.linear((hidden * gates.unsqueeze(-1)).flatten(-2), weight_b)
         return delta if settings.scaling == 1.0 else delta * settings.scaling
 
     def __repr__(self) -> str:
         return "smola." + super().__repr__()
-
-
-class _InferenceWeights(NamedTuple):
-    """The weights of the experts acting on one modality, for the inference fast path.
-
-    down: `(e*r, i)`, router: `(e, i)`, up: `(o, e*r)`; expert_ids: their indices among all experts; group_sizes:
-    their groups' sizes, in order. (Down projections and router rows are not fused into one matmul: its other
-    shape rounds differently at some batch sizes, and is no faster.)
-    """
-
-    down: torch.Tensor
-    router: torch.Tensor
-    up: torch.Tensor
-    expert_ids: list[int]
-    group_sizes: list[int]
 
 
 class _GroupSettings:
@@ -159,6 +144,9 @@ class _GroupSettings:
         self.expert_modality = torch.tensor(
             [-1 if g == MULTIMODAL else modality_index(g) for g in groups for _ in range(config.expert_groups[g])]
         )
+        self.group_modality = [-1 if g == MULTIMODAL else modality_index(g) for g in groups]
+        self._served_groups: dict[int, tuple[bool, ...]] = {}
+        self._zero = torch.zeros(())
         every_modality = torch.arange(len(MODALITIES))[:, None]
         self._eligibility = (self.expert_modality[None, :] == every_modality) | (self.expert_modality[None, :] < 0)
         # non-text modalities the groups tell apart; None when every group is "multimodal" (no modality needed)
@@ -168,31 +156,22 @@ class _GroupSettings:
             else None
         )
 
+    def served_groups(self, modality: int) -> tuple[bool, ...]:
+        """Whether each group acts on tokens of modality id `modality` (-1: every group)."""
+        served = self._served_groups.get(modality)
+        if served is None:
+            served = tuple(modality < 0 or m < 0 or m == modality for m in self.group_modality)
+            self._served_groups[modality] = served
+        return served
+
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-dim zero of `like`'s dtype and device (the gates of groups that serve no token), made once."""
+        if self._zero.dtype != like.dtype or self._zero.device != like.device:
+            self._zero = like.new_zeros(())
+        return self._zero
+
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
         """`(t, e)` bool: expert e acts on token t (one lookup in the `(modalities, e)` table)."""
         if self._eligibility.device != modalities.device:
             self._eligibility = self._eligibility.to(modalities.device)
         return self._eligibility[modalities]
-
-    def inference_weights(
-        self, weight_a: torch.Tensor, weight_b: torch.Tensor, router: torch.Tensor, modality: int
-    ) -> _InferenceWeights | None:
-        """The weights of the experts acting on tokens of modality id `modality` (-1: every expert), copied out of
-        `weight_a` `(E*r, i)`, `weight_b` `(o, E*r)` and `router` `(E, i)`; None when no expert acts on them."""
-        served = self.expert_modality.tolist()
-        expert_ids = [e for e, m in enumerate(served) if modality < 0 or m < 0 or m == modality]
-        if not expert_ids:
-            return None
-        group_sizes = [
-            sum(1 for e in expert_ids if e in range(start, start + size))
-            for start, size in zip(_starts(self.group_sizes), self.group_sizes)
-        ]
-        ids = torch.tensor(expert_ids, device=weight_a.device)
-        down = weight_a.detach().unflatten(0, (-1, self.rank))[ids].flatten(0, 1)  # (e*r, i)
-        up = weight_b.detach().unflatten(1, (-1, self.rank))[:, ids].flatten(1)  # (o, e*r)
-        return _InferenceWeights(down, router.detach()[ids], up, expert_ids, [n for n in group_sizes if n])
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    """Start index of each of consecutive blocks of `sizes`."""
-    return [sum(sizes[:i]) for i in range(len(sizes))]
