@@ -1,5 +1,5 @@
 """The inference fast path of SMoLA and ModeX (eval, no autograd, every token of the call of one modality, as at
-every decoding step of `generate`) reads no per-token modality ids and gives exactly the general path's outputs."""
+every decoding step of `generate`) reads no per-token modality ids and gives the general path's outputs."""
 
 from __future__ import annotations
 
@@ -13,11 +13,21 @@ from peft_moextend.call_inputs import CallInputs
 from peft_moextend.modality import modality_ids_from_input_ids, modality_token_ids
 
 CONFIGS = {
-    # text and multimodal groups act on text tokens, the image group between them does not
+    # text and multimodal groups act on text tokens, the image group between them does not: all experts run
     "smola": lambda: SMoLAConfig(r=2, expert_groups={"text": 2, "image": 3, "multimodal": 2}),
+    # the text group alone acts on text tokens: only its block of experts runs (views of the weights)
+    "smola_block": lambda: SMoLAConfig(r=2, expert_groups={"text": 2, "image": 3}),
     "modex": lambda: ModeXConfig(experts={"text": ["text"], "visual": ["image"], "cross_modal": None}),
 }
-UP_PROJECTIONS = {"smola": "smola_B", "modex": "modex_up"}
+UP_PROJECTIONS = {"smola": "smola_B", "smola_block": "smola_B", "modex": "modex_up"}
+
+
+def assert_same(fast: torch.Tensor, general: torch.Tensor, method: str) -> None:
+    """Bit for bit, except SMoLA's block of experts: its up projection sums over fewer (only non-zero) terms."""
+    if method == "smola_block":
+        torch.testing.assert_close(fast, general, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(fast, general)
 
 
 def adapted_in_eval(method: str):
@@ -53,7 +63,7 @@ def test_a_text_only_call_takes_the_fast_path_with_the_general_paths_outputs(met
     assert id_requests == []
     general = model(**text).logits.detach()  # autograd on: the general path
     assert id_requests  # which asks every layer's token modalities
-    assert torch.equal(fast, general)
+    assert_same(fast, general, method)
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
@@ -70,4 +80,4 @@ def test_decoding_steps_after_a_mixed_prompt_take_the_fast_path_with_the_same_to
     general = model.generate(**batch, **settings, return_dict_in_generate=True)
     assert set(id_requests) == {batch["input_ids"].numel(), batch["input_ids"].shape[0]}  # and every step did
     assert torch.equal(fast.sequences, general.sequences)
-    assert torch.equal(torch.stack(fast.logits), torch.stack(general.logits))
+    assert_same(torch.stack(fast.logits), torch.stack(general.logits), method)

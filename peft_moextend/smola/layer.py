@@ -5,6 +5,8 @@ Einstein notation: t - tokens, i - in features, o - out features, e - experts (a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,33 +99,52 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
         modality: int,
     ) -> torch.Tensor | None:
         """The soft mixture's `(..., o)` delta for tokens `x` `(..., i)` that all have modality id `modality` (-1:
-        the adapter tells no modalities apart), in eval without autograd; None when no expert acts on them. The
-        groups that do not serve `modality` get gate 0 without a softmax or an eligibility lookup; every tensor has
-        the general path's shape and every value is computed as there, so the outputs are the same bit for bit."""
-        served = settings.served_groups(modality)
-        if not any(served):
+        the adapter tells no modalities apart), in eval without autograd; None when no expert acts on them.
+
+        When the groups serving `modality` are one block of experts (e.g. `{"text": 4, "image": 4}`), only that
+        block runs, on views of the weights: the skipped experts' gates are 0, so the result is the general path's
+        up to float rounding (the up projection sums over fewer terms). Otherwise every tensor has the general
+        path's shape, the other groups get gate 0 without a softmax or an eligibility lookup, and the result is
+        the general path's bit for bit."""
+        layout = settings.layout(modality)
+        if layout is None:
             return None
+        rank = settings.rank
+        if layout.block is not None:  # views: no copy
+            first, end = layout.block
+            weight_a, router = weight_a[first * rank : end * rank], router[first:end]
+            weight_b = weight_b[:, first * rank : end * rank]
         inputs = self._cast_input_dtype(x, weight_a.dtype)
         logits = F.linear(inputs, router)  # (..., e)
         if settings.temperature != 1.0:
             logits = logits / settings.temperature
-        if len(served) == 1:
+        if len(layout.served) == 1:
             gates = logits.softmax(dim=-1)
         else:
             zero = settings.zero(logits)
             gates = torch.cat(
                 [
                     part.softmax(dim=-1) if serves else zero.expand(part.shape)
-                    for part, serves in zip(logits.split(settings.group_sizes, dim=-1), served)
+                    for part, serves in zip(logits.split(layout.group_sizes, dim=-1), layout.served)
                 ],
                 dim=-1,
             )  # (..., e)
-        hidden = F.linear(inputs, weight_a).unflatten(-1, (len(settings.expert_group), settings.rank))  # (..., e, r)
+        hidden = F.linear(inputs, weight_a).unflatten(-1, (router.shape[0], rank))  # (..., e, r)
         delta = F.linear((hidden * gates.unsqueeze(-1)).flatten(-2), weight_b)
         return delta if settings.scaling == 1.0 else delta * settings.scaling
 
     def __repr__(self) -> str:
         return "smola." + super().__repr__()
+
+
+class _ServedLayout(NamedTuple):
+    """The experts acting on one modality: `block` `(first, end)` when they are one block of consecutive experts but
+    not all (else None: all experts run, unserved groups gated 0), the sizes of the groups that run and whether
+    each of them serves the modality."""
+
+    block: tuple[int, int] | None
+    group_sizes: list[int]
+    served: tuple[bool, ...]
 
 
 class _GroupSettings:
@@ -145,7 +166,7 @@ class _GroupSettings:
             [-1 if g == MULTIMODAL else modality_index(g) for g in groups for _ in range(config.expert_groups[g])]
         )
         self.group_modality = [-1 if g == MULTIMODAL else modality_index(g) for g in groups]
-        self._served_groups: dict[int, tuple[bool, ...]] = {}
+        self._layouts: dict[int, _ServedLayout | None] = {}
         self._zero = torch.zeros(())
         every_modality = torch.arange(len(MODALITIES))[:, None]
         self._eligibility = (self.expert_modality[None, :] == every_modality) | (self.expert_modality[None, :] < 0)
@@ -156,13 +177,22 @@ class _GroupSettings:
             else None
         )
 
-    def served_groups(self, modality: int) -> tuple[bool, ...]:
-        """Whether each group acts on tokens of modality id `modality` (-1: every group)."""
-        served = self._served_groups.get(modality)
-        if served is None:
-            served = tuple(modality < 0 or m < 0 or m == modality for m in self.group_modality)
-            self._served_groups[modality] = served
-        return served
+    def layout(self, modality: int) -> _ServedLayout | None:
+        """Which experts act on tokens of modality id `modality` (-1: every expert); None when none does."""
+        if modality not in self._layouts:
+            served = [modality < 0 or m < 0 or m == modality for m in self.group_modality]
+            starts = [sum(self.group_sizes[:g]) for g in range(len(served))]
+            indices = [g for g, serves in enumerate(served) if serves]
+            layout = None
+            if indices and all(served):
+                layout = _ServedLayout(None, self.group_sizes, tuple(served))
+            elif indices and indices == list(range(indices[0], indices[-1] + 1)):  # one block of groups
+                block = (starts[indices[0]], starts[indices[-1]] + self.group_sizes[indices[-1]])
+                layout = _ServedLayout(block, [self.group_sizes[g] for g in indices], (True,) * len(indices))
+            elif indices:
+                layout = _ServedLayout(None, self.group_sizes, tuple(served))
+            self._layouts[modality] = layout
+        return self._layouts[modality]
 
     def zero(self, like: torch.Tensor) -> torch.Tensor:
         """A 0-dim zero of `like`'s dtype and device (the gates of groups that serve no token), made once."""
