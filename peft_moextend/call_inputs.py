@@ -48,13 +48,14 @@ VIDEO_INPUT_KEYWORDS = ("pixel_values_videos", "video_grid_thw")
 """Forward keywords that hold video inputs in transformers' video-language models."""
 
 _ATTRIBUTE = "_peft_moextend_call_inputs"
+_UNKNOWN = -1  # `CallInputs._uniform_modality` not yet read from the call's modality ids
 
 
 class CallInputs:
     """Inputs of the current (or last) call of one adapted transformers model, shared by its adapter layers.
 
     Get it with `CallInputs.attach(model)`; layers read it through `layer_modality_ids`, `token_attention_mask`,
-    `task_request`, `is_continuation` and `call_index` (incremented by every model call).
+    `task_request`, `is_continuation`, `call_index` (incremented by every model call) and `uniform_modality`.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -65,6 +66,8 @@ class CallInputs:
         self.task_request: str | list[str] | None = None
         self.is_continuation = False
         self.call_index = 0
+        # the modality id every token of the call has, when one is known to cover them all (see `uniform_modality`)
+        self._uniform_modality: int | None = None
         # the model's routed layers, found at the first call after an injection (`attach` forgets them)
         self.routed_layers: list[nn.Module] | None = None
         self.shared_towers: set[str] = set()  # names of media towers encoding several modalities, with adapters
@@ -110,6 +113,7 @@ class CallInputs:
         self.call_index += 1
         cache = kwargs.get("past_key_values")
         self.is_continuation = bool(cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length())
+        self._uniform_modality = _UNKNOWN
         input_ids = kwargs.get("input_ids")
         if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             input_ids = args[0]
@@ -126,9 +130,12 @@ class CallInputs:
                 self.modality_ids = explicit if reference is None else explicit.to(reference.device)
             else:  # a later decoding step of generate(): the new tokens are text
                 self.modality_ids = torch.zeros(reference.shape[:2], dtype=torch.long, device=reference.device)
+                self._uniform_modality = 0
         elif input_ids is not None:
             self.markable = frozenset(("text", *self.token_ids))
             self.modality_ids = modality_ids_from_input_ids(input_ids, self.token_ids)
+            if not self.token_ids:  # no placeholder tokens: every token is text
+                self._uniform_modality = 0
         else:
             self.markable = frozenset()
             self.modality_ids = None
@@ -198,6 +205,23 @@ class CallInputs:
                 "`modality_ids` tensor of shape (batch, seq) to the model's forward/generate."
             )
         return self.modality_ids.reshape(-1).to(device)
+
+    def uniform_modality(self, num_tokens: int, tower_modality: str | None, needed: frozenset[str]) -> int | None:
+        """The modality id shared by all `num_tokens` tokens a layer sees (e.g. every decoding step of `generate`:
+        all text), or None when they differ or it is not known for free: the ids are read back only from CPU tensors
+        (once per call), never from an accelerator (that would wait for it). Also None where
+        `layer_modality_ids` would refuse the call (it then raises its error). `needed` as there, without "text"."""
+        if tower_modality is not None:
+            return MODALITIES.index(self._tower_modality or tower_modality)
+        ids = self.modality_ids
+        if ids is None or ids.numel() != num_tokens or not needed <= self.markable:
+            return None
+        if self._uniform_modality == _UNKNOWN:
+            self._uniform_modality = None
+            if ids.device.type == "cpu" and ids.numel():
+                first = int(ids.reshape(-1)[0])
+                self._uniform_modality = first if bool((ids == first).all()) else None
+        return self._uniform_modality
 
     def token_attention_mask(self, num_tokens: int) -> torch.Tensor | None:
         """Flattened `(num_tokens,)` bool mask of non-padding tokens, or None when unknown / not matching."""

@@ -195,6 +195,17 @@ class LinearExpertLayer(nn.Module, BaseTunerLayer):
         """`(num_tokens,)` modality id of every token this layer sees (see `CallInputs.layer_modality_ids`)."""
         return self.call_inputs.layer_modality_ids(num_tokens, self.tower_modality, needed, device, self.method_name)
 
+    def inference_modality(self, num_tokens: int, needed: frozenset[str] | None) -> int | None:
+        """The modality id all `num_tokens` tokens of this call share, when the layer may take its inference fast
+        path: eval mode and no autograd (no dropout, nothing to record for training) and one
+        modality known for free (`CallInputs.uniform_modality`; `needed` without "text"); -1 when the layer tells
+        no modalities apart (`needed` None). Else None: the general path."""
+        if self.training or torch.is_grad_enabled():
+            return None
+        if needed is None:
+            return -1
+        return self.call_inputs.uniform_modality(num_tokens, self.tower_modality, needed)
+
 
 class StagedParameters:
     """Per-adapter tensors of a tuner layer that grows by stages (CMoE tasks, PathWeave modalities): stage k's tensor

@@ -71,10 +71,37 @@ class ModeXLayer(LinearExpertLayer):
             y = self._cast_input_dtype(outputs, down.dtype)
             hidden = F.relu(F.linear(y, down))  # (t, b)
             if adapter in self.modex_router:  # else a single expert
+                settings = self.modex_settings[adapter]
+                modality = self.inference_modality(
+                    y.shape[0], settings.needed_modalities if settings.uses_masks else None
+                )
+                if modality is not None:
+                    delta = self._inference_delta(adapter, settings, y, hidden, modality)
+                    if delta is not None:
+                        outputs = outputs + (delta if delta.dtype == outputs.dtype else delta.to(outputs.dtype))
+                    continue
                 weights = self._coordinator_weights(adapter, y)  # (t, e)
                 hidden = (weights.unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
             outputs = outputs + F.linear(hidden, self.modex_up[adapter]).to(outputs.dtype)
-        return outputs.reshape(result.shape)
+        return outputs.view(result.shape)
+
+    def _inference_delta(
+        self, adapter: str, settings: _ExpertSettings, y: torch.Tensor, hidden: torch.Tensor, modality: int
+    ) -> torch.Tensor | None:
+        """The experts' `(t, o)` delta for outputs `y` `(t, o)` and their bottleneck `hidden` `(t, b)`, when all
+        tokens have modality id `modality` (-1: no masks), in eval without autograd; None when no expert may act on
+        them. The experts the modality may not use are masked with one constant row, without per-token eligibility
+        tensors; every tensor has the general path's shape and every value is computed as there, so the outputs
+        are the same bit for bit."""
+        logits = F.linear(y, self.modex_router[adapter], self.modex_router_bias[adapter]) / settings.temperature
+        if modality >= 0:
+            blocked = settings.blocked(modality, logits.device)  # (e,)
+            if blocked is None:
+                return None
+            if settings.blocks_any(modality):
+                logits = logits.masked_fill(blocked, float("-inf"))
+        mixed = (torch.softmax(logits, dim=-1).unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
+        return F.linear(mixed, self.modex_up[adapter])
 
     def _coordinator_weights(self, adapter: str, y: torch.Tensor) -> torch.Tensor:
         """`(t, e)` expert weights of the tokens `y` `(t, o)`: the coordinator's softmax, over the experts each token's
@@ -122,7 +149,8 @@ class ModeXNormLayer(nn.Module, BaseTunerLayer):
         for adapter in self.active_adapters:
             if adapter in self.modex_norm_scale:
                 scale, shift = self.modex_norm_scale[adapter], self.modex_norm_shift[adapter]
-                result = (result * scale + shift).to(result.dtype)
+                affine = result * scale + shift
+                result = affine if affine.dtype == result.dtype else affine.to(result.dtype)
         return result
 
     def __repr__(self) -> str:
@@ -139,11 +167,27 @@ class _ExpertSettings:
             None if modalities is None else [modality_index(m) for m in modalities]
             for modalities in config.experts.values()
         ]
+        self._blocked: dict[tuple[int, torch.device], torch.Tensor | None] = {}
         self.uses_masks = config.routing == "modality_masks" and any(m is not None for m in self.expert_modalities)
         # non-text modalities the model must be able to mark (placeholder ids or explicit modality_ids)
-        self.needed_modalities = {m for modalities in config.experts.values() if modalities for m in modalities} - {
-            "text"
-        }
+        self.needed_modalities = frozenset(
+            m for modalities in config.experts.values() if modalities for m in modalities
+        ).difference(("text",))
+
+    def blocks_any(self, modality: int) -> bool:
+        """Whether some expert may not act on tokens of modality id `modality`."""
+        return any(allowed is not None and modality not in allowed for allowed in self.expert_modalities)
+
+    def blocked(self, modality: int, device: torch.device) -> torch.Tensor | None:
+        """`(e,)` bool: the experts that may not act on tokens of modality id `modality` (made once per device);
+        None when no expert may."""
+        key = (modality, device)
+        if key not in self._blocked:
+            row = torch.tensor(
+                [allowed is not None and modality not in allowed for allowed in self.expert_modalities], device=device
+            )
+            self._blocked[key] = None if bool(row.all()) else row
+        return self._blocked[key]
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
         """`(t, e)` bool: expert e may act on token t."""

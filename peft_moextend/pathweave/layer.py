@@ -13,7 +13,7 @@ from torch import nn
 
 from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
-from ..modality import modality_index
+from ..modality import MODALITIES, modality_index
 from ..registration import METHODS, ExpertPeftType
 from ..tuner_utils import LinearExpertLayer, StagedParameters
 from .config import PathWeaveConfig
@@ -115,12 +115,22 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
         delta = None
         for adapter in active:
             modalities = self.pathweave_modalities[adapter]
+            # one modality for every token (every decoding step of generate): that stage alone, nothing to sort out
+            uniform = self.call_inputs.uniform_modality(
+                tokens.shape[0], self.tower_modality, frozenset(modalities).difference(("text",))
+            )
+            if uniform is not None:
+                if MODALITIES[uniform] in modalities:
+                    stage_delta = self._stage_delta(adapter, modalities.index(MODALITIES[uniform]), tokens)
+                    stage_delta = stage_delta if stage_delta.dtype == torch.float32 else stage_delta.float()
+                    delta = stage_delta if delta is None else delta + stage_delta
+                continue
             token_modality = self.modality_ids(tokens.shape[0], modalities, x.device)
             for stage, modality in enumerate(modalities):  # loop over modalities present
                 rows = token_modality == modality_index(modality)
                 if not bool(rows.any()):
                     continue
-                if bool(rows.all()):  # a single-modality call (every decoding step): no gather/scatter
+                if bool(rows.all()):  # a single-modality call: no gather/scatter
                     stage_delta = self._stage_delta(adapter, stage, tokens).float()
                     delta = stage_delta if delta is None else delta + stage_delta
                     continue
@@ -129,7 +139,8 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
                 delta[rows] += self._stage_delta(adapter, stage, tokens[rows])
         if delta is None:
             return result
-        return result + delta.reshape(*result.shape[:-1], -1).to(result.dtype)
+        delta = delta.view(result.shape)
+        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
 
     def __repr__(self) -> str:
         return "pathweave." + super().__repr__()

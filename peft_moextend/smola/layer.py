@@ -5,6 +5,8 @@ Einstein notation: t - tokens, i - in features, o - out features, e - experts (a
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,13 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
         for adapter in active:
             settings = self.smola_settings[adapter]
             weight_a, weight_b, router = self.smola_A[adapter], self.smola_B[adapter], self.smola_router[adapter]
+            if settings.top_k is None:  # the soft router keeps no routing record: eval may take the fast path
+                modality = self.inference_modality(tokens.shape[0], settings.needed_modalities)
+                if modality is not None:
+                    delta = self._inference_delta(settings, weight_a, weight_b, router, x, modality)
+                    if delta is not None:
+                        result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+                    continue
             inputs = self._cast_input_dtype(tokens, weight_a.dtype)
             logits = F.linear(inputs, router) / settings.temperature  # (t, e)
             gates, dispatch = route(
@@ -80,8 +89,62 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
             result = result + delta.reshape(*x.shape[:-1], -1).to(result.dtype)
         return result
 
+    def _inference_delta(
+        self,
+        settings: _GroupSettings,
+        weight_a: torch.Tensor,
+        weight_b: torch.Tensor,
+        router: torch.Tensor,
+        x: torch.Tensor,
+        modality: int,
+    ) -> torch.Tensor | None:
+        """The soft mixture's `(..., o)` delta for tokens `x` `(..., i)` that all have modality id `modality` (-1:
+        the adapter tells no modalities apart), in eval without autograd; None when no expert acts on them.
+
+        When the groups serving `modality` are one block of experts (e.g. `{"text": 4, "image": 4}`), only that
+        block runs, on views of the weights: the skipped experts' gates are 0, so the result is the general path's
+        up to float rounding (the up projection sums over fewer terms). Otherwise every tensor has the general
+        path's shape, the other groups get gate 0 without a softmax or an eligibility lookup, and the result is
+        the general path's bit for bit."""
+        layout = settings.layout(modality)
+        if layout is None:
+            return None
+        rank = settings.rank
+        if layout.block is not None:  # views: no copy
+            first, end = layout.block
+            weight_a, router = weight_a[first * rank : end * rank], router[first:end]
+            weight_b = weight_b[:, first * rank : end * rank]
+        inputs = self._cast_input_dtype(x, weight_a.dtype)
+        logits = F.linear(inputs, router)  # (..., e)
+        if settings.temperature != 1.0:
+            logits = logits / settings.temperature
+        if len(layout.served) == 1:
+            gates = logits.softmax(dim=-1)
+        else:
+            zero = settings.zero(logits)
+            gates = torch.cat(
+                [
+                    part.softmax(dim=-1) if serves else zero.expand(part.shape)
+                    for part, serves in zip(logits.split(layout.group_sizes, dim=-1), layout.served)
+                ],
+                dim=-1,
+            )  # (..., e)
+        hidden = F.linear(inputs, weight_a).unflatten(-1, (router.shape[0], rank))  # (..., e, r)
+        delta = F.linear((hidden * gates.unsqueeze(-1)).flatten(-2), weight_b)
+        return delta if settings.scaling == 1.0 else delta * settings.scaling
+
     def __repr__(self) -> str:
         return "smola." + super().__repr__()
+
+
+class _ServedLayout(NamedTuple):
+    """The experts acting on one modality: `block` `(first, end)` when they are one block of consecutive experts but
+    not all (else None: all experts run, unserved groups gated 0), the sizes of the groups that run and whether
+    each of them serves the modality."""
+
+    block: tuple[int, int] | None
+    group_sizes: list[int]
+    served: tuple[bool, ...]
 
 
 class _GroupSettings:
@@ -102,12 +165,40 @@ class _GroupSettings:
         self.expert_modality = torch.tensor(
             [-1 if g == MULTIMODAL else modality_index(g) for g in groups for _ in range(config.expert_groups[g])]
         )
+        self.group_modality = [-1 if g == MULTIMODAL else modality_index(g) for g in groups]
+        self._layouts: dict[int, _ServedLayout | None] = {}
+        self._zero = torch.zeros(())
         every_modality = torch.arange(len(MODALITIES))[:, None]
         self._eligibility = (self.expert_modality[None, :] == every_modality) | (self.expert_modality[None, :] < 0)
         # non-text modalities the groups tell apart; None when every group is "multimodal" (no modality needed)
         self.needed_modalities = (
-            {g for g in groups if g not in (MULTIMODAL, "text")} if any(g != MULTIMODAL for g in groups) else None
+            frozenset(g for g in groups if g not in (MULTIMODAL, "text"))
+            if any(g != MULTIMODAL for g in groups)
+            else None
         )
+
+    def layout(self, modality: int) -> _ServedLayout | None:
+        """Which experts act on tokens of modality id `modality` (-1: every expert); None when none does."""
+        if modality not in self._layouts:
+            served = [modality < 0 or m < 0 or m == modality for m in self.group_modality]
+            starts = [sum(self.group_sizes[:g]) for g in range(len(served))]
+            indices = [g for g, serves in enumerate(served) if serves]
+            layout = None
+            if indices and all(served):
+                layout = _ServedLayout(None, self.group_sizes, tuple(served))
+            elif indices and indices == list(range(indices[0], indices[-1] + 1)):  # one block of groups
+                block = (starts[indices[0]], starts[indices[-1]] + self.group_sizes[indices[-1]])
+                layout = _ServedLayout(block, [self.group_sizes[g] for g in indices], (True,) * len(indices))
+            elif indices:
+                layout = _ServedLayout(None, self.group_sizes, tuple(served))
+            self._layouts[modality] = layout
+        return self._layouts[modality]
+
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-dim zero of `like`'s dtype and device (the gates of groups that serve no token), made once."""
+        if self._zero.dtype != like.dtype or self._zero.device != like.device:
+            self._zero = like.new_zeros(())
+        return self._zero
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
         """`(t, e)` bool: expert e acts on token t (one lookup in the `(modalities, e)` table)."""
