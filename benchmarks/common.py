@@ -21,11 +21,14 @@ import torch
 def quiet_libraries() -> None:
     """Keep a benchmark's output to what its reader can act on: no progress bars or info logs of transformers'
     loaders, no FutureWarnings (transformers 5 deprecations that peft and transformers trigger internally: a
-    user cannot act on them), and not bitsandbytes' note (on CPUs with AVX512-BF16) that its optional `kernels`
-    package is missing. This package's own warnings stay (it issues no FutureWarning)."""
+    user cannot act on them), not bitsandbytes' note (on CPUs with AVX512-BF16) that its optional `kernels`
+    package is missing, and not DeepSpeed's note that it found no GPU (deepspeed, in the test extra, is imported by
+    transformers; its logger resets its level when created, so a filter drops the note). This package's own warnings
+    stay (it issues no FutureWarning)."""
     import transformers
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -5,13 +5,18 @@ upcycling of the dense model into a Mixtral MoE, is `peft_moextend.upcycling`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 __all__ = ["DEFAULT_SMOLLM2_CACHE_DIR", "find_smollm2_gguf", "load_smollm2"]
@@ -47,6 +52,22 @@ def _is_cached(cache_dir: Path) -> bool:
     return all((cache_dir / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
+@contextlib.contextmanager
+def _gguf_progress_bar(enabled: bool) -> Iterator[None]:
+    """transformers' GGUF reader shows a bar from `tqdm.auto` directly; without `enabled` it is switched off here
+    (as transformers' own bars are by `transformers.logging.disable_progress_bar()`)."""
+    reader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    if enabled or not hasattr(reader, "tqdm"):
+        yield
+        return
+    original = reader.tqdm
+    reader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = original
+
+
 def _build_cache(cache_dir: Path) -> None:
     """De-quantise the GGUF file to float32 and ``save_pretrained`` model + tokenizer into ``cache_dir``.
 
@@ -55,14 +76,17 @@ def _build_cache(cache_dir: Path) -> None:
     """
     gguf_path = find_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    if not transformers.utils.logging.is_progress_bar_enabled():  # its GGUF reader's bar ignores that switch
+        print(f"SmolLM2-135M-Instruct: de-quantising the packaged GGUF file once into {cache_dir}", flush=True)
     # dequantize=True unpacks every Q4_1 block into a plain float32 nn.Linear weight (even when the `kernels`
     # package could keep them packed) and drops the quantizer, so the model can be saved as ordinary safetensors.
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent,
-        gguf_file=gguf_path.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True),
-    )
+    with _gguf_progress_bar(transformers.utils.logging.is_progress_bar_enabled()):
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent,
+            gguf_file=gguf_path.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=gguf_path.name, dequantize=True),
+        )
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
     try:
