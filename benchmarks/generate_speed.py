@@ -94,7 +94,8 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     interleaved (so that drift in the machine's speed hits all three alike); the ratio is the median of the
     per-repeat ratios."""
     torch.set_num_threads(args.threads)
-    models = {name: model.eval() for name, model in variants(method, args).items()}
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    models = {name: model.to(device=device, dtype=dtype).eval() for name, model in variants(method, args).items()}
     result = {
         name: {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         for name, model in models.items()
@@ -105,14 +106,18 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
             inputs = {k: v for k, v in inputs.items() if k != "modality_ids"}
         times = []
         for new_tokens in (args.new_tokens, 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             started = time.perf_counter()
             with torch.no_grad():
                 models[name].generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - started)
         return (times[0] - times[1]) / (args.new_tokens - 1)
 
     for batch_size in args.batch_sizes:
-        inputs = prompt(batch_size, args)
+        inputs = {k: v.to(device) for k, v in prompt(batch_size, args).items()}
         for name in models:  # warm-up
             decode_seconds(name, inputs)
         runs = [{name: decode_seconds(name, inputs) for name in models} for _ in range(args.repeats)]
@@ -135,11 +140,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (models are built on the CPU, then moved)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     print(
         f"hidden={args.hidden} layers={args.layers}, prompt {args.prompt} tokens ({IMAGE_TOKENS} image), "
-        f"{args.new_tokens} new tokens, greedy with KV cache, {args.threads} threads, median of {args.repeats}\n"
+        f"{args.new_tokens} new tokens, greedy with KV cache, {args.device} {args.dtype}, {args.threads} threads, "
+        f"median of {args.repeats}\n"
     )
     header = "| method | trainable (ours / LoRA) | " + " | ".join(
         f"batch {b}: ms/token ours / LoRA / base | ratio to LoRA" for b in args.batch_sizes
