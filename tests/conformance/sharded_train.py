@@ -124,6 +124,9 @@ def train(method: str, out: Path, mode: str, accelerator=None) -> None:
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": int(mode[-1])},
             "zero_allow_untested_optimizer": True,  # plain SGD, as in the other modes
+            # DeepSpeed clips the gradient norm to 1.0 unless told otherwise (GRADIENT_CLIPPING_DEFAULT); the other
+            # modes do not clip (CMoE's third step here has norm ~1.16 and was scaled by 0.86)
+            "gradient_clipping": 0.0,
         }
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 

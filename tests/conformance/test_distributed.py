@@ -100,18 +100,7 @@ def test_7_fsdp2_two_processes_match_single_process_and_reload_exactly(case, tmp
     _check_sharded_runs(case, tmp_path, ("fully_shard", "accelerate"), sharded=("fully_shard", "accelerate"))
 
 
-# CMoE under DeepSpeed: the third step's update differs from plain PyTorch by ~2e-3 although the gradients before it are
-# equal; it happens with one process and ZeRO stage 0 too (not the sharding). Not understood yet: docs/distributed.md
-# says to train CMoE with DDP or FSDP2. strict: this test fails loudly once the cause is fixed.
-DEEPSPEED_CASES = [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="CMoE under DeepSpeed diverges at step 3"))
-    if c.name == "cmoe"
-    else c
-    for c in CASES
-]
-
-
-@pytest.mark.parametrize("case", DEEPSPEED_CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_7_deepspeed_zero2_and_zero3_match_single_process_and_reload_exactly(case, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     port = ["--master-port", str(30500 + os.getpid() % 1000)]
