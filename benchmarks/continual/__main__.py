@@ -119,9 +119,12 @@ def main() -> None:
     # the towers depend on these settings only (not on the thread count): a cached alignment is reused
     alignment_settings["tasks"] = [t.name for t in tasks]
 
-    print("\n== alignment stage: towers + projectors through the frozen language model (label-free captions)")
+    if any(t.modality != "text" for t in tasks):
+        print("\n== alignment stage: towers + projectors through the frozen language model (label-free captions)")
+    else:
+        print("\n== base model")
     alignment = in_subprocess(align, tasks, alignment_settings, quiet=True)
-    towers = "no image or audio task: nothing to align" if alignment["path"] is None else alignment["path"]
+    towers = "no image or audio task, nothing to align" if alignment["path"] is None else alignment["path"]
     print(
         f"{'cached: ' if alignment['cached'] else ''}{towers}; base accuracy "
         + ", ".join(f"{t} {a:.1%}" for t, a in alignment["base_accuracy"].items())
