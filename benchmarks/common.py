@@ -44,7 +44,7 @@ def in_subprocess(target: Callable[..., dict], *args, quiet: bool = False) -> di
         if target.__module__ == "__main__":
             raise ValueError("`quiet` needs a target importable by module name, not one defined in __main__")
         target = (target.__module__, target.__qualname__)
-    process = context.Process(target=_call, args=(results, target, args), daemon=True)
+    process = context.Process(target=_call, args=(results, target, args, os.getpid()), daemon=True)
     process.start()
     while True:
         try:
@@ -58,11 +58,20 @@ def in_subprocess(target: Callable[..., dict], *args, quiet: bool = False) -> di
     return result
 
 
-def _call(queue: mp.Queue, target: Callable[..., dict] | tuple[str, str], args: tuple) -> None:
+def _call(queue: mp.Queue, target: Callable[..., dict] | tuple[str, str], args: tuple, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     if isinstance(target, tuple):  # (module, name) of a quiet process: import it only now
         quiet_libraries()
         target = getattr(importlib.import_module(target[0]), target[1])
     queue.put(target(*args))
+
+
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """End this process once `parent` is gone (killed without the chance to stop its children, e.g. by SIGTERM), so
+    that a stopped benchmark leaves no orphan computing on."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def measure_steps(model: torch.nn.Module, batch: dict, steps: int, train: bool = True) -> dict:

@@ -409,3 +409,50 @@ def test_synthetic_mode_oracle_keeps_earlier_tasks_exactly_and_sequential_lora_f
     # one shared adapter: the later tasks overwrite the first one
     assert sequential["matrix"][0][0] == 1.0 and sequential["matrix"][2][0] < 0.5
     assert sequential["backward_transfer"] == summary(sequential["matrix"])["backward_transfer"] < -0.5
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (an exited child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_benchmark_leaves_no_process_behind(tmp_path):
+    """SIGTERM gives the benchmark's main process no chance to stop its spawned method process: the child notices
+    that its parent is gone and exits (it would otherwise compute on for the rest of its method)."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "sleeper.py").write_text(
+        "import os, time\n"
+        "def sleep(path):\n"
+        "    open(path, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(300)\n"
+        "    return {}\n"
+    )
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "main.py"
+    script.write_text(
+        f"import sys\nsys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]\n"
+        "from benchmarks.common import in_subprocess\nimport sleeper\n"
+        f"if __name__ == '__main__':\n    in_subprocess(sleeper.sleep, {str(pid_file)!r})\n"
+    )
+    main = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child = int(pid_file.read_text())
+        assert _running(child)
+        main.send_signal(signal.SIGTERM)
+        main.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(child)
+    finally:
+        main.kill()
