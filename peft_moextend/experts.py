@@ -34,13 +34,14 @@ def gated_low_rank_mixture(
     inputs: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, gates: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """`scaling * B (gates (x) A x)`: `e` rank-`r` experts stacked as one rank-`e*r` LoRA, each expert's hidden
-    vector weighted by its gate between the two projections (SMoLA, CMoE).
+    vector weighted by its gate between the two projections (SMoLA, CMoE). A scaling of 1 is skipped (exactly).
 
-    inputs: `(t, i)`; weight_a: `(e*r, i)`; weight_b: `(o, e*r)`; gates: `(t, e)`. Returns `(t, o)`.
+    inputs: `(..., i)`; weight_a: `(e*r, i)`; weight_b: `(o, e*r)`; gates: `(..., e)`. Returns `(..., o)`.
     """
     num_experts = gates.shape[-1]
-    hidden = F.linear(inputs, weight_a).view(-1, num_experts, weight_a.shape[0] // num_experts)  # (t, e, r)
-    return F.linear((hidden * gates.unsqueeze(-1)).flatten(1), weight_b) * scaling
+    hidden = F.linear(inputs, weight_a).unflatten(-1, (num_experts, weight_a.shape[0] // num_experts))  # (..., e, r)
+    mixed = F.linear((hidden * gates.unsqueeze(-1)).flatten(-2), weight_b)
+    return mixed if scaling == 1.0 else mixed * scaling
 
 
 @dataclass

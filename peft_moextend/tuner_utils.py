@@ -164,6 +164,12 @@ class ExpertTuner(BaseTuner):
             self._enable_adapter_layers(True)
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without dispatching a no-op cast when it already is (decoding steps of small models are
+    bound by dispatched operators)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class LinearExpertLayer(nn.Module, BaseTunerLayer):
     """Shared base of our tuner layers around a linear `base_layer` (nn.Linear or a quantized linear PEFT knows).
 

@@ -5,6 +5,8 @@ Einstein notation: t - tokens, o - features of the adapted output, b - bottlenec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -14,7 +16,7 @@ from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import modality_index
 from ..registration import METHODS, ExpertPeftType
-from ..tuner_utils import LinearExpertLayer
+from ..tuner_utils import LinearExpertLayer, as_dtype
 from .config import ModeXConfig
 
 
@@ -78,7 +80,7 @@ class ModeXLayer(LinearExpertLayer):
                 if modality is not None:
                     delta = self._inference_delta(adapter, settings, y, hidden, modality)
                     if delta is not None:
-                        outputs = outputs + (delta if delta.dtype == outputs.dtype else delta.to(outputs.dtype))
+                        outputs = outputs + as_dtype(delta, outputs.dtype)
                     continue
                 weights = self._coordinator_weights(adapter, y)  # (t, e)
                 hidden = (weights.unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
@@ -95,11 +97,11 @@ class ModeXLayer(LinearExpertLayer):
         are the same bit for bit."""
         logits = F.linear(y, self.modex_router[adapter], self.modex_router_bias[adapter]) / settings.temperature
         if modality >= 0:
-            blocked = settings.blocked(modality, logits.device)  # (e,)
-            if blocked is None:
+            blocked = settings.blocked(modality, logits.device)
+            if blocked.every:
                 return None
-            if settings.blocks_any(modality):
-                logits = logits.masked_fill(blocked, float("-inf"))
+            if blocked.some:
+                logits = logits.masked_fill(blocked.row, float("-inf"))
         mixed = (torch.softmax(logits, dim=-1).unsqueeze(-1) * hidden.unsqueeze(1)).flatten(1)  # (t, e*b)
         return F.linear(mixed, self.modex_up[adapter])
 
@@ -150,11 +152,19 @@ class ModeXNormLayer(nn.Module, BaseTunerLayer):
             if adapter in self.modex_norm_scale:
                 scale, shift = self.modex_norm_scale[adapter], self.modex_norm_shift[adapter]
                 affine = result * scale + shift
-                result = affine if affine.dtype == result.dtype else affine.to(result.dtype)
+                result = as_dtype(affine, result.dtype)
         return result
 
     def __repr__(self) -> str:
         return "modex." + super().__repr__()
+
+
+class _Blocked(NamedTuple):
+    """The experts a modality may not use: `row` `(e,)` bool, and whether that is every expert / some expert."""
+
+    row: torch.Tensor
+    every: bool
+    some: bool
 
 
 class _ExpertSettings:
@@ -167,26 +177,19 @@ class _ExpertSettings:
             None if modalities is None else [modality_index(m) for m in modalities]
             for modalities in config.experts.values()
         ]
-        self._blocked: dict[tuple[int, torch.device], torch.Tensor | None] = {}
+        self._blocked: dict[tuple[int, torch.device], _Blocked] = {}
         self.uses_masks = config.routing == "modality_masks" and any(m is not None for m in self.expert_modalities)
         # non-text modalities the model must be able to mark (placeholder ids or explicit modality_ids)
         self.needed_modalities = frozenset(
             m for modalities in config.experts.values() if modalities for m in modalities
         ).difference(("text",))
 
-    def blocks_any(self, modality: int) -> bool:
-        """Whether some expert may not act on tokens of modality id `modality`."""
-        return any(allowed is not None and modality not in allowed for allowed in self.expert_modalities)
-
-    def blocked(self, modality: int, device: torch.device) -> torch.Tensor | None:
-        """`(e,)` bool: the experts that may not act on tokens of modality id `modality` (made once per device);
-        None when no expert may."""
+    def blocked(self, modality: int, device: torch.device) -> _Blocked:
+        """The experts that may not act on tokens of modality id `modality` (made once per modality and device)."""
         key = (modality, device)
         if key not in self._blocked:
-            row = torch.tensor(
-                [allowed is not None and modality not in allowed for allowed in self.expert_modalities], device=device
-            )
-            self._blocked[key] = None if bool(row.all()) else row
+            flags = [allowed is not None and modality not in allowed for allowed in self.expert_modalities]
+            self._blocked[key] = _Blocked(torch.tensor(flags, device=device), all(flags), any(flags))
         return self._blocked[key]
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:

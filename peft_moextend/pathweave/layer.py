@@ -15,7 +15,7 @@ from ..call_inputs import CallInputs
 from ..experts import kaiming_uniform_experts
 from ..modality import MODALITIES, modality_index
 from ..registration import METHODS, ExpertPeftType
-from ..tuner_utils import LinearExpertLayer, StagedParameters
+from ..tuner_utils import LinearExpertLayer, StagedParameters, as_dtype
 from .config import PathWeaveConfig
 from .gate import noisy_top_k_gates
 
@@ -122,7 +122,7 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
             if uniform is not None:
                 if MODALITIES[uniform] in modalities:
                     stage_delta = self._stage_delta(adapter, modalities.index(MODALITIES[uniform]), tokens)
-                    stage_delta = stage_delta if stage_delta.dtype == torch.float32 else stage_delta.float()
+                    stage_delta = as_dtype(stage_delta, torch.float32)
                     delta = stage_delta if delta is None else delta + stage_delta
                 continue
             token_modality = self.modality_ids(tokens.shape[0], modalities, x.device)
@@ -140,7 +140,7 @@ class PathWeaveLayer(LinearExpertLayer, StagedParameters):
         if delta is None:
             return result
         delta = delta.view(result.shape)
-        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+        return result + as_dtype(delta, result.dtype)
 
     def __repr__(self) -> str:
         return "pathweave." + super().__repr__()

@@ -15,7 +15,7 @@ from ..call_inputs import CallInputs
 from ..experts import gated_low_rank_mixture, kaiming_uniform_experts
 from ..modality import MODALITIES, modality_index
 from ..routing import RoutedLayer, RoutingRecord
-from ..tuner_utils import LinearExpertLayer
+from ..tuner_utils import LinearExpertLayer, as_dtype
 from .config import MULTIMODAL, SMoLAConfig
 from .router import route
 
@@ -67,7 +67,7 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
                 if modality is not None:
                     delta = self._inference_delta(settings, weight_a, weight_b, router, x, modality)
                     if delta is not None:
-                        result = result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))
+                        result = result + as_dtype(delta, result.dtype)
                     continue
             inputs = self._cast_input_dtype(tokens, weight_a.dtype)
             logits = F.linear(inputs, router) / settings.temperature  # (t, e)
@@ -129,9 +129,7 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
                 ],
                 dim=-1,
             )  # (..., e)
-        hidden = F.linear(inputs, weight_a).unflatten(-1, (router.shape[0], rank))  # (..., e, r)
-        delta = F.linear((hidden * gates.unsqueeze(-1)).flatten(-2), weight_b)
-        return delta if settings.scaling == 1.0 else delta * settings.scaling
+        return gated_low_rank_mixture(inputs, weight_a, weight_b, gates, settings.scaling)
 
     def __repr__(self) -> str:
         return "smola." + super().__repr__()
