@@ -30,7 +30,7 @@ if __name__ == "__main__":
 from . import report  # noqa: E402
 from .data import DEFAULT_TASKS, TASK_NAMES, load_tasks  # noqa: E402
 from .methods import METHODS, missing_methods  # noqa: E402
-from .runner import align, run_method  # noqa: E402
+from .runner import align, needs_towers, run_method  # noqa: E402
 
 PRESETS = {
     "quick": {
@@ -119,7 +119,7 @@ def main() -> None:
     # the towers depend on these settings only (not on the thread count): a cached alignment is reused
     alignment_settings["tasks"] = [t.name for t in tasks]
 
-    if any(t.modality != "text" for t in tasks):
+    if needs_towers(tasks):
         print("\n== alignment stage: towers + projectors through the frozen language model (label-free captions)")
     else:
         print("\n== base model")

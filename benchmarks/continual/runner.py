@@ -44,9 +44,14 @@ def alignment_path(settings: dict) -> Path:
     return CACHE_DIR / f"towers-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
+def needs_towers(tasks: list[Task]) -> bool:
+    """Whether some task has images or audio (the towers are aligned and used only then)."""
+    return any(t.modality != "text" for t in tasks)
+
+
 def towers_path(tasks: list[Task], settings: dict) -> Path | None:
     """Where the aligned towers of these settings are cached; None when every task is text (no tower is used)."""
-    return alignment_path(settings) if any(t.modality != "text" for t in tasks) else None
+    return alignment_path(settings) if needs_towers(tasks) else None
 
 
 def align(tasks: list[Task], settings: dict) -> dict:
