@@ -76,11 +76,12 @@ def _build_cache(cache_dir: Path) -> None:
     """
     gguf_path = find_smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    if not transformers.utils.logging.is_progress_bar_enabled():  # its GGUF reader's bar ignores that switch
+    progress_bar = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress_bar:  # transformers' GGUF reader shows its bar regardless: one line instead
         print(f"SmolLM2-135M-Instruct: de-quantising the packaged GGUF file once into {cache_dir}", flush=True)
     # dequantize=True unpacks every Q4_1 block into a plain float32 nn.Linear weight (even when the `kernels`
     # package could keep them packed) and drops the quantizer, so the model can be saved as ordinary safetensors.
-    with _gguf_progress_bar(transformers.utils.logging.is_progress_bar_enabled()):
+    with _gguf_progress_bar(progress_bar):
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent,
             gguf_file=gguf_path.name,

@@ -2,6 +2,7 @@
 packages, example encoding, and the greedy exact-match rule. The full run on real weights is the `slow` test."""
 
 import gzip
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -279,7 +280,8 @@ def test_report_shows_text_change_locator_rejections_and_extended_layers(tmp_pat
 
 def output_state() -> list:
     """What a benchmark process would print: bitsandbytes' import-time warning, transformers' progress bars, a
-    transformers-style FutureWarning, this package's warnings (run in a spawned process by the test below)."""
+    transformers-style FutureWarning, this package's warnings, DeepSpeed's warnings (its logger resets its level when
+    created, so a filter has to drop them) and its errors (run in a spawned process by the test below)."""
     import logging
     import warnings
 
@@ -287,11 +289,20 @@ def output_state() -> list:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.warn("`x` is deprecated and will be removed in v6", FutureWarning, stacklevel=2)
+    deepspeed = logging.getLogger("DeepSpeed")
+    deepspeed.setLevel(logging.INFO)  # what DeepSpeed's logger factory does when deepspeed is imported
+
+    def passes(level: int) -> bool:
+        record = logging.LogRecord("DeepSpeed", level, "", 0, "", (), None)
+        return deepspeed.isEnabledFor(level) and bool(deepspeed.filter(record))
+
     return [
         logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.WARNING),
         transformers.utils.logging.is_progress_bar_enabled(),
         len(caught),
         logging.getLogger("peft_moextend").isEnabledFor(logging.WARNING),
+        passes(logging.WARNING),
+        passes(logging.ERROR),
     ]
 
 
@@ -301,7 +312,19 @@ def test_benchmark_processes_are_quiet():
     keep this package's warnings."""
     from benchmarks.common import in_subprocess
 
-    assert in_subprocess(output_state, quiet=True) == [False, False, 0, True]
+    assert in_subprocess(output_state, quiet=True) == [False, False, 0, True, False, True]
+
+
+def test_gguf_conversion_bar_follows_the_progress_bar_switch():
+    from benchmarks.smollm2 import _gguf_progress_bar
+
+    reader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    original = reader.tqdm
+    with _gguf_progress_bar(False):
+        assert reader.tqdm(range(2)).disable
+    assert reader.tqdm is original
+    with _gguf_progress_bar(True):
+        assert reader.tqdm is original
 
 
 def test_spoken_digit_features():

@@ -3,8 +3,8 @@
 enter through `inputs_embeds` at `<audio>` placeholder positions (marked as audio with `modality_ids`).
 
 Examples are chat turns,
-`<|im_start|>user\\n<image>*16\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>`;
-only the answer and its closing `<|im_end|>` are labels.
+`<|im_start|>user\\n<image>*16\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>` (text tasks:
+`<|im_start|>user\\n{question}<|im_end|>...`); only the answer and its closing `<|im_end|>` are labels.
 """
 
 from __future__ import annotations
