@@ -33,7 +33,8 @@ PATCH_SIZE = 7
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16
 AUDIO_POOL = 5
 NUM_AUDIO_TOKENS = NUM_FRAMES // 2 // AUDIO_POOL  # 10
-NUM_VIDEO_TOKENS = VIDEO_FRAMES // 2 * (IMAGE_SIZE // PATCH_SIZE // 2) ** 2  # 8
+VIDEO_REGIONS = 2  # per side
+NUM_VIDEO_TOKENS = (VIDEO_FRAMES - 1) * VIDEO_REGIONS**2  # 12
 
 
 class AudioTower(nn.Module):
@@ -62,23 +63,28 @@ class AudioTower(nn.Module):
 
 
 class VideoTower(nn.Module):
-    """A small 3-D convolutional video encoder + projector: `(b, 4, 28, 28)` frames -> `(b, 8, hidden)` tokens (2
-    frame pairs x 2x2 regions). Its first kernel spans two frames, so motion between them is in every token."""
+    """A small convolutional video encoder + projector: `(b, 4, 28, 28)` frames -> `(b, 12, hidden)` tokens, one per
+    2x2 region of each of the 3 pairs of consecutive frames. Each pair enters as the frame and its difference to the
+    next (2 channels), so every token sees what moved where."""
 
     def __init__(self, hidden_size: int, width: int = 128) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv3d(1, width, kernel_size=(2, PATCH_SIZE, PATCH_SIZE), stride=(2, PATCH_SIZE, PATCH_SIZE)),
-            nn.GELU(),  # (b, w, 2, 4, 4)
-            nn.Conv3d(width, width, kernel_size=(1, 2, 2), stride=(1, 2, 2)),
-            nn.GELU(),  # (b, w, 2, 2, 2)
+            nn.Conv2d(2, width, kernel_size=5, padding=2),
+            nn.GELU(),
+            nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1),  # 28 -> 14
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(VIDEO_REGIONS),  # 14 -> 2
         )
         self.projector = nn.Sequential(
             nn.Linear(width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size), nn.LayerNorm(hidden_size)
         )
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.encoder(frames[:, None]).flatten(2).transpose(1, 2))
+        pairs = torch.stack([frames[:, :-1], frames[:, 1:] - frames[:, :-1]], dim=2)  # (b, 3, 2, 28, 28)
+        features = self.encoder(pairs.flatten(0, 1))  # (b*3, w, 2, 2)
+        tokens = features.flatten(2).transpose(1, 2).unflatten(0, (frames.shape[0], -1))  # (b, 3, 4, w)
+        return self.projector(tokens.flatten(1, 2))
 
 
 @dataclass
