@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .data import Task
 from .model import Towers, Vocabulary, accepts_modality_ids, collate, example, model_inputs
+from .tracks import mixture_plan
 
 # A few dozen factual questions SmolLM2-135M-Instruct is asked before and after the task stages; an answer counts
 # when the expected word appears in the first 12 greedily generated tokens.
@@ -118,15 +119,10 @@ def train(
     modality), with a progress bar if `progress`. Returns seconds, steps and the mean loss of the last 10 steps."""
     parameters = parameters or [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    by_modality: dict[str, list[dict]] = {}
-    for row in rows:
-        by_modality.setdefault(row["modality"], []).append(row)
-    plan = []
-    for epoch in range(math.ceil(epochs)):
-        for modality_rows in by_modality.values():
-            plan += list(batches(modality_rows, batch_size, vocabulary.pad_id, seed + epoch))
-    rng = np.random.default_rng(seed)
-    plan = [plan[i] for i in rng.permutation(len(plan))][: max(1, round(len(plan) * epochs / math.ceil(epochs)))]
+    plan = [
+        collate([rows[i] for i in indices], vocabulary.pad_id)
+        for indices in mixture_plan([row["modality"] for row in rows], epochs, batch_size, seed)
+    ]
     warmup = max(1, len(plan) // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
