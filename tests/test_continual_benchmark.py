@@ -128,6 +128,9 @@ def test_alignment_captions_do_not_depend_on_the_label():
     task = data.Task("digits", "image", "?", ["0", "1"], "", [(image, 0), (image, 1)], [])
     first, second = alignment_rows([task], VOCABULARY, 2)
     assert first["labels"] == second["labels"]
+    facts = data.Task("facts", "text", "?", ["red"], "", [("Which team?", 0)], [])
+    with_text = alignment_rows([facts, task], VOCABULARY, 2)  # a text task (modality track) has nothing to align
+    assert [r["input_ids"] for r in with_text] == [first["input_ids"], second["input_ids"]]
     cells = image.reshape(4, 7, 4, 7).mean(axis=(1, 3)).ravel()
     levels = np.clip(cells / cells.max() * 9.99, 0, 9).astype(int)
     assert [t for t in first["labels"] if t != -100] == VOCABULARY.encode(" ".join(map(str, levels)) + "<|im_end|>")

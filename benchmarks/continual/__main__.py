@@ -66,7 +66,8 @@ PRESETS = {
 QUICK_TASKS = ("animal_teams", "fruit_teams", "tool_teams")
 QUICK_METHODS = ("sequential_lora", "cmoe")
 # the tracks only: validation examples carved out of each task's training data, and the grid's reduced training size
-TRACK_SETTINGS = {"validation_size": 100, "grid_train_size": 160}
+# (a recall task of taught facts is repeated `recall_repeats` times per epoch); each track may set its own sizes
+TRACK_SETTINGS = {"validation_size": 100, "grid_train_size": 160, "recall_repeats": 10}
 
 
 def machine() -> str:
@@ -104,7 +105,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for key, value in PRESETS["full"].items():
         parser.add_argument(
-            f"--{key.replace('_', '-')}", type=type(value), help=f"full: {value}, quick: {PRESETS['quick'][key]}"
+            f"--{key.replace('_', '-')}",
+            type=type(value),
+            help=f"tracks: the track's (default {value}), quick: {PRESETS['quick'][key]}",
         )
     parser.add_argument("--learning-rate", type=float, help="with --no-grid: every method's learning rate")
     parser.add_argument(
@@ -125,10 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         output.mkdir(parents=True, exist_ok=True)
         write_outputs(json.loads(args.from_results.read_text()), output)
         return
-    preset = PRESETS["quick" if args.quick else "full"]
-    settings = {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in preset.items()}
-    settings |= {"seed": args.seed, "threads": args.threads, "quick": args.quick}
     if args.quick:
+        settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in PRESETS["quick"].items()}
+        settings |= {"seed": args.seed, "threads": args.threads, "quick": True}
         settings["tasks"] = list(args.tasks or QUICK_TASKS)
         if args.learning_rate is not None:
             settings["learning_rate"] = args.learning_rate
@@ -139,10 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     summaries, failed = {}, []
     for name in args.track or list(TRACKS):
         plan = track_plan(TRACKS[name], args.tasks, args.methods)
-        track_settings = settings | {
-            key: getattr(args, key) if getattr(args, key) is not None else value
-            for key, value in TRACK_SETTINGS.items()
+        defaults = PRESETS["full"] | TRACK_SETTINGS | TRACKS[name].sizes
+        track_settings = {
+            key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()
         }
+        track_settings |= {"seed": args.seed, "threads": args.threads, "quick": False}
         track_settings |= {"track": name, "protocol": plan["protocol"], "tasks": plan["tasks"]}
         if args.no_grid:
             track_settings |= {"grid": None, "learning_rate": args.learning_rate, "epochs": args.epochs}

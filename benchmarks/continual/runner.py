@@ -138,7 +138,10 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
     method.plan(tasks)
     split = settings.get("split", "test")  # the grid scores on "validation", after the last stage only
     vlm, towers, vocabulary, upcycling_error = _frozen_vlm(4 if method.moe else 0, towers_path(tasks, settings))
-    train_rows = {t.name: task_rows(t, "train", vocabulary) for t in tasks}
+    # a recall task (its training and test sets are the same taught facts) is repeated to `recall_repeats` copies
+    # per epoch in a track, so that its stage trains about as many steps as the other tasks' (the demo: 1)
+    repeats = {t.name: settings.get("recall_repeats", 1) if t.train == t.test else 1 for t in tasks}
+    train_rows = {t.name: task_rows(t, "train", vocabulary) * repeats[t.name] for t in tasks}
     test_rows = {t.name: task_rows(t, split, vocabulary) for t in tasks}
 
     def model_batches(model, rows: list[dict], limit: int | None = None) -> list[dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,9 @@ class Track:
     description: str
     learning_rates: tuple[float, ...] = (1e-3, 3e-3)
     epochs: tuple[float, ...] = (1, 2)
+    # the track's own sizes over the full preset's (train_size, test_size, grid_train_size, ...): chosen so that the
+    # track, grid included, stays under 90 minutes on 2 CPU cores (docs/continual.md, "Time")
+    sizes: dict = field(default_factory=dict)
 
     def candidates(self) -> list[dict]:
         """The grid, learning rate x epochs, in order (ties in the choice go to the earlier candidate)."""
