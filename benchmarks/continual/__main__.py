@@ -291,7 +291,7 @@ def grid_search(tasks: list, settings: dict, methods: list[str], alignment: dict
             candidate["methods"][name] = {
                 "validation_accuracy": float(sum(score["validation_accuracy"].values()) / len(reduced)),
                 "per_task": score["validation_accuracy"],
-                "perplexity_change": report.text_change(score["text_probe"], before)["perplexity_change"],
+                "perplexity_change": score["text_probe"]["perplexity"] / before["perplexity"] - 1,
                 "seconds": score["seconds"],
             }
     choice = choose_candidate(candidates)

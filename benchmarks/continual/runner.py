@@ -16,7 +16,7 @@ import torch
 from .data import Task
 from .methods import METHODS
 from .model import Towers, build_vlm, example, load_language_model, model_inputs
-from .training import accuracy, alignment_rows, batches, task_rows, text_probe, train
+from .training import accuracy, alignment_rows, batches, held_out_perplexity, task_rows, text_probe, train
 
 CACHE_DIR = Path("~/.cache/peft_moextend/continual").expanduser()
 ALIGNMENT_VERSION = 6  # bump when the towers, captions or alignment recipe change
@@ -106,8 +106,8 @@ def run_method(name: str, tasks: list[Task], settings: dict) -> dict:
 def run_grid(name: str, tasks: list[Task], settings: dict, candidates: list[dict]) -> dict:
     """Method `name` trained once per grid candidate (`{"learning_rate", "epochs"}`) and scored on the tasks'
     validation splits after the last stage: `{"candidates": [...]}`, per candidate `{"validation_accuracy": {task:
-    accuracy}, "text_probe", "text_probe_before"?, "seconds"}` or `{"error", "traceback"}`. One process for all
-    candidates."""
+    accuracy}, "text_probe", "text_probe_before"?, "seconds"}` (the probes: held-out perplexity only) or `{"error",
+    "traceback"}`. One process for all candidates."""
     scores = []
     for candidate in candidates:
         started = time.perf_counter()
@@ -115,6 +115,8 @@ def run_grid(name: str, tasks: list[Task], settings: dict, candidates: list[dict
         if "error" in result:
             scores.append(result)
             continue
+        if "text_probe_before" in result:
+            settings = settings | {"text_probe_before": result["text_probe_before"]}
         scores.append(
             {
                 "validation_accuracy": dict(zip([t.name for t in tasks], result["accuracy"][-1], strict=True)),
@@ -150,8 +152,10 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
             return [model_inputs(model, towers, b, vocabulary, with_modality_ids=True) for b in selected]
 
     result: dict = {"label": method.label, "upcycling_max_logit_difference": upcycling_error}
-    if method.moe:
-        result["text_probe_before"] = text_probe(vlm, vocabulary)
+    # the grid needs only the perplexity (its bound), not the factual questions' generations
+    probe = text_probe if split == "test" else lambda m, v: {"perplexity": held_out_perplexity(m, v)}
+    if method.moe:  # the same for every candidate of the grid: measured once
+        result["text_probe_before"] = settings.get("text_probe_before") or probe(vlm, vocabulary)
     model = method.create(vlm, tasks[0], model_batches(vlm, train_rows[tasks[0].name], 4))
     result |= {"accuracy": [], "stages": []}
     joint = settings.get("protocol", "sequential") == "joint"
@@ -212,7 +216,7 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
             flush=True,
         )
     with method.text_context(model):
-        result["text_probe"] = text_probe(model, vocabulary)
+        result["text_probe"] = probe(model, vocabulary)
     if split == "test" and method.moe:
         result["routing"] = routing_statistics(model, towers, tasks, test_rows, vocabulary)
     if split == "test" and name == "cmoe":

@@ -40,6 +40,30 @@ class Track:
         ]
 
 
+# Sizes per track (examples per task) from per-step times measured on the 2-core development machine, so that each
+# track, grid included, is estimated under 90 minutes (docs/continual.md, "Time"); the task track runs the two
+# slowest methods (MoExtend on the upcycled MoE, CMoE with its probes), hence its smaller sizes.
+TASK_SIZES = {
+    "train_size": 256,
+    "test_size": 100,
+    "validation_size": 50,
+    "grid_train_size": 48,
+    "align_per_task": 256,
+}
+MODALITY_SIZES = {
+    "train_size": 400,
+    "test_size": 150,
+    "validation_size": 60,
+    "grid_train_size": 80,
+    "align_per_task": 300,
+}
+MULTITASK_SIZES = {
+    "train_size": 320,
+    "test_size": 150,
+    "validation_size": 60,
+    "grid_train_size": 64,
+    "align_per_task": 300,
+}
 TRACKS: dict[str, Track] = {
     track.name: track
     for track in (
@@ -49,6 +73,7 @@ TRACKS: dict[str, Track] = {
             ("sequential_lora", "oracle_lora", "cmoe", "moextend_tasks"),
             "sequential",
             "continual image tasks, no task id at test; animals and fashion are both grey 28x28 silhouettes",
+            sizes=TASK_SIZES,
         ),
         Track(
             "modality",
@@ -56,6 +81,7 @@ TRACKS: dict[str, Track] = {
             ("sequential_lora", "pathweave", "moextend"),
             "sequential",
             "text -> image -> audio, one task per modality",
+            sizes=MODALITY_SIZES,
         ),
         Track(
             "multitask",
@@ -63,6 +89,7 @@ TRACKS: dict[str, Track] = {
             ("smola", "lora_as_smola", "modex", "lora_as_modex"),
             "joint",
             "joint training on the shuffled mixture of all tasks; LoRA with the trainable-parameter count of each",
+            sizes=MULTITASK_SIZES,
         ),
     )
 }

@@ -220,7 +220,18 @@ def text_probe(model: torch.nn.Module, vocabulary: Vocabulary, call_kwargs: dict
         answer in reply.lower().replace(".", " ").split() or (" " in answer and answer in reply.lower())
         for (_, answer), reply in zip(FACTS, replies, strict=True)
     ]
+    perplexity = held_out_perplexity(model, vocabulary, call_kwargs)
+    return {"fact_accuracy": float(np.mean(hits)), "perplexity": perplexity, "replies": replies}
+
+
+@torch.no_grad()
+def held_out_perplexity(model: torch.nn.Module, vocabulary: Vocabulary, call_kwargs: dict | None = None) -> float:
+    """Perplexity of `held_out_text()` in 256-token windows (text only: `modality_ids` all 0 where accepted)."""
+    model.eval()
     windows = held_out_windows(vocabulary)
+    text_only = (
+        (lambda ids: {"modality_ids": torch.zeros_like(ids)}) if accepts_modality_ids(model) else (lambda ids: {})
+    )
     total, count = 0.0, 0
     for start in range(0, len(windows), 8):
         chunk = windows[start : start + 8]
@@ -229,4 +240,4 @@ def text_probe(model: torch.nn.Module, vocabulary: Vocabulary, call_kwargs: dict
             torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
         )
         count += chunk[:, 1:].numel()
-    return {"fact_accuracy": float(np.mean(hits)), "perplexity": math.exp(total / count), "replies": replies}
+    return math.exp(total / count)
