@@ -3,9 +3,11 @@
 Mid-size Mixtral config that fits 2 CPU cores. Each variant runs in its own process so that peak RSS is its own.
 Baselines: the base MoE model's forward alone, and a training step of the base model that trains only its routers
 (the paper's stage 2, the cheapest training that backpropagates through every layer). The extended model trains
-only the added parameters; its new experts run only on the tokens routed to them.
+only the added parameters; its new experts run only on the tokens routed to them. `moextend_stages` is the same
+adapter grown by `add_stage` to `--stages` stages of `--new-experts` experts each (task extension), training the last
+stage: the cost of routing over every stage with one batched call per stage.
 
-    python benchmarks/moextend_overhead.py [--steps 5] [--hidden 512] [--layers 4] [--seq 256] [--batch 4]
+    python benchmarks/moextend_overhead.py [--steps 5] [--hidden 512] [--layers 4] [--seq 256] [--batch 4] [--stages 4]
 """
 
 from __future__ import annotations
@@ -43,19 +45,21 @@ def build(args: argparse.Namespace):
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = build(args)
-    if variant == "moextend":
+    if variant.startswith("moextend"):
         from peft import get_peft_model
 
         import peft_moextend
 
         model = get_peft_model(model, peft_moextend.MoExtendConfig(num_new_experts=args.new_experts))
+        for stage in range(1, args.stages if variant == "moextend_stages" else 1):
+            model.base_model.add_stage(f"task_{stage}")
     elif variant == "base_train_routers":
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith("mlp.gate.weight"))
     batch = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq))}
     batch["labels"] = batch["input_ids"]
     result = measure_steps(model, batch, args.steps, train=variant != "base_forward")
-    if variant == "moextend":
+    if variant.startswith("moextend"):
         from peft_moextend.moextend import MoExtendLayer
 
         records = [m.routing_records["default"] for m in model.modules() if isinstance(m, MoExtendLayer)]
@@ -69,13 +73,16 @@ def main() -> None:
     add_size_arguments(parser)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--new-experts", type=int, default=1)
+    parser.add_argument("--stages", type=int, default=4, help="stages of the moextend_stages variant")
     args = parser.parse_args()
 
-    results = {v: in_subprocess(run_variant, v, args) for v in ("base_forward", "base_train_routers", "moextend")}
+    variants = ("base_forward", "base_train_routers", "moextend", "moextend_stages")
+    results = {v: in_subprocess(run_variant, v, args) for v in variants}
 
     baseline = results["base_train_routers"]
     print(
-        f"Mixtral hidden={args.hidden} layers={args.layers} experts={args.experts}+{args.new_experts} top-2, "
+        f"Mixtral hidden={args.hidden} layers={args.layers} experts={args.experts}+{args.new_experts} top-2 "
+        f"(moextend_stages: {args.stages} stages of {args.new_experts}), "
         f"batch={args.batch} seq={args.seq}, {args.threads} threads, median of {args.steps} steps"
     )
     print(f"{'variant':<22}{'step (s)':>10}{'x base':>9}{'peak extra MiB':>16}{'x base':>9}{'trainable':>12}")
@@ -85,7 +92,8 @@ def main() -> None:
             f"{r['peak_extra_mib']:>16.0f}{r['peak_extra_mib'] / max(baseline['peak_extra_mib'], 1):>9.2f}"
             f"{r['trainable']:>12,}"
         )
-    print(f"share of routing slots that chose a new expert: {results['moextend']['new_expert_slot_fraction']:.3f}")
+    for name in ("moextend", "moextend_stages"):
+        print(f"{name}: share of routing slots that chose a new expert {results[name]['new_expert_slot_fraction']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -145,17 +145,19 @@ def added_experts_forward(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    num_base_experts: int,
+    first_expert: int,
     experts: AddedExperts,
     apply_gate: Callable[[torch.Tensor], torch.Tensor],
     weights_scale_input: bool = False,
 ) -> torch.Tensor:
-    """Weighted output of the added experts (ids `>= num_base_experts` in `top_k_index`).
+    """Weighted output of the added experts `experts`, whose ids in `top_k_index` are `first_expert` to
+    `first_expert + experts.num_experts - 1`.
 
     hidden: `(t, h)`; top_k_index, top_k_weights: `(t, k)`. Returns `(t, h)`, exactly zero for tokens that did not
-    choose an added expert.
+    choose one of these experts.
     """
-    token_pos, slot_pos = torch.nonzero(top_k_index >= num_base_experts, as_tuple=True)  # (r,), (r,)
+    chosen = (top_k_index >= first_expert) & (top_k_index < first_expert + experts.num_experts)  # (t, k)
+    token_pos, slot_pos = torch.nonzero(chosen, as_tuple=True)  # (r,), (r,)
     out = torch.zeros_like(hidden)
     # No early exit when r == 0: the empty matmuls keep the added experts in the autograd graph (zero gradients),
     # which DDP needs to see every trainable parameter used in every step.
@@ -163,7 +165,7 @@ def added_experts_forward(
     weights = top_k_weights[token_pos, slot_pos].to(experts.dtype).unsqueeze(-1)  # (r, 1)
     if weights_scale_input:
         rows = rows * weights
-    expert_out = grouped_expert_forward(rows, top_k_index[token_pos, slot_pos] - num_base_experts, experts, apply_gate)
+    expert_out = grouped_expert_forward(rows, top_k_index[token_pos, slot_pos] - first_expert, experts, apply_gate)
     if not weights_scale_input:
         expert_out = expert_out * weights
     return out.index_add(0, token_pos, expert_out.to(hidden.dtype))

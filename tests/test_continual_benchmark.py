@@ -15,7 +15,15 @@ from tiny_vlms import make_tiny_vlm, make_vlm_inputs
 
 from benchmarks.continual import data
 from benchmarks.continual.__main__ import finished_methods
-from benchmarks.continual.model import NUM_AUDIO_TOKENS, NUM_IMAGE_TOKENS, Vocabulary, collate, example
+from benchmarks.continual.model import (
+    NUM_AUDIO_TOKENS,
+    NUM_IMAGE_TOKENS,
+    NUM_VIDEO_TOKENS,
+    VideoTower,
+    Vocabulary,
+    collate,
+    example,
+)
 from benchmarks.continual.report import markdown, plot_first_task, summary, text_change
 from benchmarks.continual.training import alignment_rows, exact_match
 
@@ -29,7 +37,7 @@ class CharTokenizer:
         return type("Encoding", (), {"input_ids": [10 + ord(c) % 200 for c in text]})()
 
 
-VOCABULARY = Vocabulary(CharTokenizer(), image_id=1, audio_id=2, pad_id=0)
+VOCABULARY = Vocabulary(CharTokenizer(), image_id=1, audio_id=2, video_id=3, pad_id=0)
 
 
 def test_summary_average_accuracy_and_backward_transfer():
@@ -83,6 +91,45 @@ def test_example_labels_only_the_answer_and_marks_placeholders():
     assert batch["pixel_values"].shape == (2, 1, 28, 28) and float(batch["pixel_values"].min()) == -1.0
     assert batch["attention_mask"][1, -1] == 0 and batch["labels"][1, -1] == -100 and batch["input_ids"][1, -1] == 0
     assert collate([audio_row], 0)["audio_features"].shape == (1, 40, 100)
+
+
+def test_motion_videos_move_the_same_digit_one_step_per_frame_in_the_labelled_direction():
+    task = data.moving_digits(train_size=24, test_size=12, seed=0)
+    assert task.modality == "video" and task.classes == list(data.DIRECTIONS)
+    for video, label in task.train + task.test:
+        assert video.shape == (data.VIDEO_FRAMES, 28, 28) and video.dtype == np.float32
+        row_step, column_step = data.DIRECTIONS[task.classes[label]]
+        for t in range(1, data.VIDEO_FRAMES):
+            shift = (t * data.MOTION_STEP * row_step, t * data.MOTION_STEP * column_step)
+            assert np.array_equal(video[t], np.roll(video[0], shift, axis=(0, 1)))
+    assert {label for _, label in task.train} == set(range(4))
+
+    def rolls(frame: np.ndarray) -> np.ndarray:  # (784, 28, 28): the frame at every place
+        return np.stack([np.roll(frame, (r, c), axis=(0, 1)) for r in range(28) for c in range(28)])
+
+    # no test video shows a digit image used in training, wherever it is placed
+    train_frames = np.stack([video[0] for video, _ in task.train])
+    for video, _ in task.test:
+        placed = rolls(video[0]).reshape(-1, 1, 28 * 28)
+        assert not (placed == train_frames.reshape(1, -1, 28 * 28)).all(-1).any()
+
+
+def test_video_examples_and_tower():
+    task = data.Task("motion", "video", "Which way?", list(data.DIRECTIONS), "", [], [])
+    frames = np.zeros((data.VIDEO_FRAMES, 28, 28), np.float32)
+    row = example(task, frames, "left", VOCABULARY)
+    assert row["input_ids"].count(VOCABULARY.video_id) == NUM_VIDEO_TOKENS
+    video_positions = [i for i, t in enumerate(row["input_ids"]) if t == VOCABULARY.video_id]
+    assert {row["modality_ids"][i] for i in video_positions} == {2}  # MODALITIES.index("video")
+    assert sum(row["modality_ids"]) == 2 * NUM_VIDEO_TOKENS
+    batch = collate([row, row], 0)
+    assert batch["video_frames"].shape == (2, data.VIDEO_FRAMES, 28, 28) and float(batch["video_frames"].max()) == -1
+    tower = VideoTower(hidden_size=16)
+    tokens = tower(batch["video_frames"])
+    assert tokens.shape == (2, NUM_VIDEO_TOKENS, 16)
+    # motion reaches the tokens: the same frames in the opposite order give other tokens
+    moving = torch.from_numpy(data.moving_digits(1, 1, 0).train[0][0])[None]
+    assert not torch.allclose(tower(moving), tower(moving.flip(1)), atol=1e-4)
 
 
 def test_team_facts_are_balanced_recall_tasks_that_differ_only_in_their_members():

@@ -162,7 +162,7 @@ def test_new_experts_copy_their_source_from_a_4bit_base(tmp_path):
                 assert torch.equal(layer.moextend_gate_up_proj["default"][0], experts.gate_up_proj[source])
                 assert torch.equal(layer.moextend_down_proj["default"][0], experts.down_proj[source])
             else:
-                assert layer.moextend_source_expert["default"] == source
+                assert layer.moextend_source_expert["default"] == [source]
             router = layer.family.router(layer.base_layer).weight
             assert torch.equal(layer.moextend_router["default"][0], router[source])
 

@@ -1,7 +1,7 @@
 """The benchmark's tasks, from real data that installs offline, as (input, class index) pairs.
 
-Images are `(28, 28)` float32 in [0, 1]; audio clips are `(num_mel_bins, num_frames)` float32 log-mel spectrograms;
-the inputs of text tasks are the question strings.
+Images are `(28, 28)` float32 in [0, 1]; videos `(4, 28, 28)` float32 in [0, 1] (frames first); audio clips are
+`(num_mel_bins, num_frames)` float32 log-mel spectrograms; the inputs of text tasks are the question strings.
 A task whose optional data package is missing raises `MissingData` with the command that installs it.
 """
 
@@ -26,6 +26,10 @@ SAMPLE_RATE = 8000  # the test recordings are 8 kHz telephone prompts
 CLIP_SAMPLES = SAMPLE_RATE  # 1 s, centred on the speech
 NUM_MEL_BINS = 40
 NUM_FRAMES = 100  # 10 ms hop
+VIDEO_FRAMES = 4
+MOTION_STEP = 4  # pixels per frame
+GLYPH_SIZE = 12
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (row, column) per step
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 ASTERISK_DIGITS = Path("/usr/share/asterisk/sounds/en_US_f_Allison/digits")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -44,7 +48,7 @@ class Task:
     """One classification task asked as a question with a short answer (the class name)."""
 
     name: str
-    modality: str  # "image", "audio" or "text"
+    modality: str  # "image", "video", "audio" or "text"
     question: str  # text tasks: the question is each input
     classes: list[str]
     source: str
@@ -110,6 +114,48 @@ def animal_mnist(train_size: int, test_size: int, seed: int) -> Task:
     classes = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
     train, test = _split(images.astype(np.float32) / 255.0, labels, train_size, test_size, seed)
     return Task("animals", "image", "Which animal is this?", classes, "animal-mnist 0.4 (PyPI)", train, test)
+
+
+def moving_digits(train_size: int, test_size: int, seed: int) -> Task:
+    """Short grey videos drawn offline: a handwritten digit (scikit-learn digits, 12x12) at a random place of a
+    28x28 frame moves `MOTION_STEP` pixels per frame for 4 frames in one of four directions, wrapping around the
+    edges; asked which way it moves. Every frame alone is a digit at a uniformly random place, so only the change
+    between frames tells the answer. Training and test videos use disjoint digit images."""
+    from sklearn.datasets import load_digits
+
+    glyphs = F.interpolate(
+        torch.from_numpy((load_digits().images / 16.0).astype(np.float32))[:, None],
+        size=(GLYPH_SIZE, GLYPH_SIZE),
+        mode="bilinear",
+        align_corners=False,
+    )[:, 0].numpy()
+    rng = np.random.default_rng([seed, 7])
+    order = rng.permutation(len(glyphs))
+    pools = {"train": order[: len(order) // 2], "test": order[len(order) // 2 :]}
+    steps = list(DIRECTIONS.values())
+
+    def videos(pool: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:
+        rows = []
+        for _ in range(size):
+            label = int(rng.integers(len(steps)))
+            frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+            frame[:GLYPH_SIZE, :GLYPH_SIZE] = glyphs[rng.choice(pool)]
+            frame = np.roll(frame, tuple(rng.integers(IMAGE_SIZE, size=2)), axis=(0, 1))
+            row_step, column_step = steps[label]
+            shifts = [(t * MOTION_STEP * row_step, t * MOTION_STEP * column_step) for t in range(VIDEO_FRAMES)]
+            rows.append((np.stack([np.roll(frame, shift, axis=(0, 1)) for shift in shifts]), label))
+        return rows
+
+    question = "Which way does the digit move?"
+    return Task(
+        "motion",
+        "video",
+        question,
+        list(DIRECTIONS),
+        "moving scikit-learn digits (drawn offline)",
+        videos(pools["train"], train_size),
+        videos(pools["test"], test_size),
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -313,6 +359,7 @@ TASK_LOADERS = {
     "letters": printed_letters,
     "parity": digit_parity,
     "spoken": spoken_digits,
+    "motion": moving_digits,
 }
 TEAMS = ["red", "blue", "green", "yellow"]
 TEAM_MEMBERS = {

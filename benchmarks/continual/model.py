@@ -1,6 +1,6 @@
 """The benchmark's vision-language model: SmolLM2-135M-Instruct inside transformers' `LlavaForConditionalGeneration`
-(a small SigLIP vision tower + LLaVA projector), plus a small convolutional audio encoder + projector whose features
-enter through `inputs_embeds` at `<audio>` placeholder positions (marked as audio with `modality_ids`).
+(a small SigLIP vision tower + LLaVA projector), plus small convolutional audio and video encoders + projectors whose
+features enter through `inputs_embeds` at `<audio>` / `<video>` placeholder positions (marked with `modality_ids`).
 
 Examples are chat turns,
 `<|im_start|>user\\n<image>*16\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>` (text tasks:
@@ -26,13 +26,15 @@ from peft_moextend.modality import modality_index
 from peft_moextend.upcycling import upcycle_llama_to_mixtral
 
 from ..smollm2 import load_smollm2
-from .data import IMAGE_SIZE, NUM_FRAMES, NUM_MEL_BINS, Task
+from .data import IMAGE_SIZE, NUM_FRAMES, NUM_MEL_BINS, VIDEO_FRAMES, Task
 
-IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
+IMAGE_TOKEN, AUDIO_TOKEN, VIDEO_TOKEN = "<image>", "<audio>", "<video>"
 PATCH_SIZE = 7
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16
 AUDIO_POOL = 5
 NUM_AUDIO_TOKENS = NUM_FRAMES // 2 // AUDIO_POOL  # 10
+VIDEO_REGIONS = 2  # per side
+NUM_VIDEO_TOKENS = (VIDEO_FRAMES - 1) * VIDEO_REGIONS**2  # 12
 
 
 class AudioTower(nn.Module):
@@ -60,6 +62,31 @@ class AudioTower(nn.Module):
         return self.projector(self.encoder(features).transpose(1, 2))
 
 
+class VideoTower(nn.Module):
+    """A small convolutional video encoder + projector: `(b, 4, 28, 28)` frames -> `(b, 12, hidden)` tokens, one per
+    2x2 region of each of the 3 pairs of consecutive frames. Each pair enters as the frame and its difference to the
+    next (2 channels), so every token sees what moved where."""
+
+    def __init__(self, hidden_size: int, width: int = 128) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(2, width, kernel_size=5, padding=2),
+            nn.GELU(),
+            nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1),  # 28 -> 14
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(VIDEO_REGIONS),  # 14 -> 2
+        )
+        self.projector = nn.Sequential(
+            nn.Linear(width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size), nn.LayerNorm(hidden_size)
+        )
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        pairs = torch.stack([frames[:, :-1], frames[:, 1:] - frames[:, :-1]], dim=2)  # (b, 3, 2, 28, 28)
+        features = self.encoder(pairs.flatten(0, 1))  # (b*3, w, 2, 2)
+        tokens = features.flatten(2).transpose(1, 2).unflatten(0, (frames.shape[0], -1))  # (b, 3, 4, w)
+        return self.projector(tokens.flatten(1, 2))
+
+
 @dataclass
 class Vocabulary:
     """Token ids the benchmark needs."""
@@ -67,30 +94,30 @@ class Vocabulary:
     tokenizer: PreTrainedTokenizerBase
     image_id: int
     audio_id: int
+    video_id: int
     pad_id: int
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def placeholder(self, modality: str) -> int:
+        return {"image": self.image_id, "audio": self.audio_id, "video": self.video_id}[modality]
+
 
 def load_language_model(moe_experts: int = 0):
-    """SmolLM2-135M-Instruct with `<image>` and `<audio>` tokens added (mean-initialised rows, never predicted in
-    practice); upcycled into a Mixtral MoE with `moe_experts` experts (top-2) when > 0.
+    """SmolLM2-135M-Instruct with `<image>`, `<audio>` and `<video>` tokens added (mean-initialised rows, never
+    predicted in practice); upcycled into a Mixtral MoE with `moe_experts` experts (top-2) when > 0.
 
     Returns (lm, vocabulary, max |logit difference| of the upcycled model vs the dense one on a text prompt, or
     None for the dense model)."""
     dense, tokenizer = load_smollm2()
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, AUDIO_TOKEN]})
+    placeholders = [IMAGE_TOKEN, AUDIO_TOKEN, VIDEO_TOKEN]
+    tokenizer.add_special_tokens({"additional_special_tokens": placeholders})
     dense.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         embeddings = dense.get_input_embeddings().weight
-        embeddings[-2:] = embeddings[:-2].mean(dim=0)
-    vocabulary = Vocabulary(
-        tokenizer,
-        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-        tokenizer.pad_token_id,
-    )
+        embeddings[-len(placeholders) :] = embeddings[: -len(placeholders)].mean(dim=0)
+    vocabulary = Vocabulary(tokenizer, *tokenizer.convert_tokens_to_ids(placeholders), tokenizer.pad_token_id)
     if not moe_experts:
         return dense, vocabulary, None
     prompt = torch.tensor([vocabulary.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n")])
@@ -131,13 +158,25 @@ def build_vlm(language_model, vocabulary: Vocabulary) -> LlavaForConditionalGene
 
 
 class Towers(nn.Module):
-    """The parts trained in the alignment stage and then frozen and shared: vision tower, projector, audio tower."""
+    """The parts trained in the alignment stage and then frozen and shared: vision tower, projector, audio and video
+    towers."""
 
     def __init__(self, vlm: LlavaForConditionalGeneration) -> None:
         super().__init__()
         self.vision_tower = vlm.model.vision_tower
         self.multi_modal_projector = vlm.model.multi_modal_projector
         self.audio_tower = AudioTower(vlm.config.text_config.hidden_size)
+        self.video_tower = VideoTower(vlm.config.text_config.hidden_size)
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """`(b, tokens, hidden)` embeddings of an audio or video batch (`collate`)."""
+        if batch["modality"] == "audio":
+            return self.audio_tower(batch["audio_features"])
+        return self.video_tower(batch["video_frames"])
+
+
+PLACEHOLDERS = {"image": NUM_IMAGE_TOKENS, "audio": NUM_AUDIO_TOKENS, "video": NUM_VIDEO_TOKENS}
+"""Placeholder tokens per input of each media modality."""
 
 
 def example(task: Task, inputs: np.ndarray | str, answer: str, vocabulary: Vocabulary) -> dict:
@@ -147,11 +186,7 @@ def example(task: Task, inputs: np.ndarray | str, answer: str, vocabulary: Vocab
         prompt = vocabulary.encode(f"<|im_start|>user\n{inputs}<|im_end|>\n<|im_start|>assistant\n")
         placeholder = None
     else:
-        placeholder, count = (
-            (vocabulary.image_id, NUM_IMAGE_TOKENS)
-            if task.modality == "image"
-            else (vocabulary.audio_id, NUM_AUDIO_TOKENS)
-        )
+        placeholder, count = vocabulary.placeholder(task.modality), PLACEHOLDERS[task.modality]
         prompt = (
             vocabulary.encode("<|im_start|>user\n")
             + [placeholder] * count
@@ -189,6 +224,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     inputs = torch.from_numpy(np.stack([r["inputs"] for r in rows]))
     if batch["modality"] == "image":
         batch["pixel_values"] = (inputs[:, None] - 0.5) / 0.5  # (b, 1, 28, 28) in [-1, 1]
+    elif batch["modality"] == "video":
+        batch["video_frames"] = (inputs - 0.5) / 0.5  # (b, 4, 28, 28) in [-1, 1]
     else:
         batch["audio_features"] = inputs  # (b, 40, 100)
     return batch
@@ -205,8 +242,9 @@ def model_inputs(
 ) -> dict:
     """Keyword arguments for `model(...)` (a Llava model or a PeftModel around one).
 
-    Images take Llava's own path (`input_ids` + `pixel_values`); audio features are placed at the `<audio>`
-    positions of `inputs_embeds`. `modality_ids` (the Llava config has no audio placeholder id) is given when
+    Images take Llava's own path (`input_ids` + `pixel_values`); audio and video tokens are placed at the
+    `<audio>` / `<video>` positions of `inputs_embeds`. `modality_ids` (the Llava config has no audio or video
+    placeholder id) is given when
     `with_modality_ids`, by default when `model` is wrapped by one of this package's methods.
     """
     common = {"attention_mask": batch["attention_mask"], "labels": batch["labels"]}
@@ -217,8 +255,8 @@ def model_inputs(
     if batch["modality"] == "image":
         return {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], **common}
     input_ids = batch["input_ids"]
-    is_audio = input_ids == vocabulary.audio_id
-    embeddings = model.get_input_embeddings()(input_ids.masked_fill(is_audio, vocabulary.pad_id))
-    audio = towers.audio_tower(batch["audio_features"]).to(embeddings.dtype)  # (b, 10, h)
-    inputs_embeds = embeddings.masked_scatter(is_audio[..., None], audio.reshape(-1, audio.shape[-1]))
+    is_media = input_ids == vocabulary.placeholder(batch["modality"])
+    embeddings = model.get_input_embeddings()(input_ids.masked_fill(is_media, vocabulary.pad_id))
+    media = towers.embed(batch).to(embeddings.dtype)  # (b, tokens, h)
+    inputs_embeds = embeddings.masked_scatter(is_media[..., None], media.reshape(-1, media.shape[-1]))
     return {"inputs_embeds": inputs_embeds, **common}

@@ -76,8 +76,9 @@ BANDS = ("low", "mid", "high", "top")
 
 def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> list[dict]:
     """Label-free captions of the training inputs: a 4x4 ink map of each image (mean intensity per 7x7 cell,
-    0-9) and a coarse spectrogram of each clip (mean log-mel level, 0-9, of 4 frequency bands x 6 time segments).
-    They teach the towers to write LM-readable tokens without revealing any class label."""
+    0-9), where the ink is in each frame of a video (the 4x4 cell holding most of it, per frame) and a coarse
+    spectrogram of each clip (mean log-mel level, 0-9, of 4 frequency bands x 6 time segments). They teach the
+    towers to write LM-readable tokens without revealing any class label."""
     rows = []
     for task in [t for t in tasks if t.modality != "text"]:  # a text task has no tower to align
         for inputs, _ in task.train[:per_task]:
@@ -85,6 +86,10 @@ def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> 
                 cells = inputs.reshape(4, 7, 4, 7).mean(axis=(1, 3))
                 caption = " ".join(str(v) for v in _levels(cells.ravel(), 0.0, max(cells.max(), 1e-6)))
                 question = "Describe the ink in a 4x4 grid."
+            elif task.modality == "video":
+                cells = inputs.reshape(len(inputs), 4, 7, 4, 7).sum(axis=(2, 4)).reshape(len(inputs), 16).argmax(1)
+                caption = "; ".join(f"frame {t + 1} row {c // 4 + 1} column {c % 4 + 1}" for t, c in enumerate(cells))
+                question = "Where is the ink in each frame?"
             else:
                 bands = inputs[:, :96].reshape(4, 10, 6, 16).mean(axis=(1, 3))  # (4 mel bands, 6 time segments)
                 rows_text = [" ".join(map(str, _levels(band, inputs.min(), inputs.max()))) for band in bands]

@@ -61,6 +61,10 @@ class MoExtendConfig(ExpertConfig):
             adapter onto a model with another number of experts raises a clear error.
         hidden_size: Filled in automatically: the base model's hidden size, checked when loading like
             `num_base_experts`.
+        stages: Filled in by `MoExtendModel.add_stage` (task or modality extension): the stages of new experts added
+            after this config's own (stage 0), one dict each: `{"name", "num_new_experts", "restrict_to_modalities",
+            "source_experts": {layer_index: expert_index}}`. Each stage appends experts and router rows to every
+            extended layer; earlier stages are frozen and one router routes over the base experts and every stage's.
     """
 
     method_name: ClassVar[str] = METHODS[ExpertPeftType.MOEXTEND].name
@@ -100,6 +104,10 @@ class MoExtendConfig(ExpertConfig):
     )
     hidden_size: int | None = field(
         default=None, metadata={"help": "Filled in automatically: hidden size of the base model."}
+    )
+    stages: list[dict] = field(
+        default_factory=list,
+        metadata={"help": "Filled in by `add_stage`: later stages of new experts (name, count, modalities, sources)."},
     )
 
     def __post_init__(self) -> None:
@@ -144,6 +152,44 @@ class MoExtendConfig(ExpertConfig):
             if not modalities:
                 raise ValueError("`restrict_to_modalities` must name at least one modality, or be None.")
             self.restrict_to_modalities = list(modalities)
+        self.stages = [self._normalise_stage(stage) for stage in self.stages]
+        names = [stage["name"] for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"`stages` must have unique names, got {names}.")
+
+    @staticmethod
+    def _normalise_stage(stage: dict) -> dict:
+        """A stage record as `add_stage` writes it (JSON turns the layer indices of `source_experts` into strings)."""
+        expected = {"name", "num_new_experts", "restrict_to_modalities", "source_experts"}
+        if not isinstance(stage, dict) or set(stage) != expected:
+            raise ValueError(f"Each entry of `stages` must be a dict with keys {sorted(expected)}, got {stage!r}.")
+        if not isinstance(stage["name"], str) or not stage["name"]:
+            raise ValueError(f"A stage's `name` must be a non-empty string, got {stage['name']!r}.")
+        count = stage["num_new_experts"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"Stage {stage['name']!r}: `num_new_experts` must be an integer >= 1, got {count!r}.")
+        modalities = stage["restrict_to_modalities"]
+        if modalities is not None:
+            modalities = list(validate_modalities(modalities, "restrict_to_modalities"))
+            if not modalities:
+                raise ValueError(f"Stage {stage['name']!r}: `restrict_to_modalities` must name a modality, or be None.")
+        try:
+            sources = {int(layer): int(expert) for layer, expert in stage["source_experts"].items()}
+        except (AttributeError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"Stage {stage['name']!r}: `source_experts` must map layer index -> expert index, got "
+                f"{stage['source_experts']!r}."
+            ) from error
+        return {
+            "name": stage["name"],
+            "num_new_experts": count,
+            "restrict_to_modalities": modalities,
+            "source_experts": sources,
+        }
+
+    def stage_modalities(self) -> list[list[str] | None]:
+        """The modalities each stage's new experts serve (None: every token), stage 0 first."""
+        return [self.restrict_to_modalities, *(stage["restrict_to_modalities"] for stage in self.stages)]
 
     @staticmethod
     def _normalise_expert_init(value: str | int | dict) -> str | int | dict[int, int]:

@@ -35,11 +35,12 @@ def check_exportable(blocks: list[MoEBlock], adapter_name: str, config: MoExtend
                 "counterpart in the plain router. Train with `MoExtendConfig(calibration=False)` to export.",
             )
         )
-    if config.restrict_to_modalities is not None:
+    restricted = next((m for m in config.stage_modalities() if m is not None), None)
+    if restricted is not None:
         raise ValueError(
             refusal.format(
                 name=adapter_name,
-                why=f"`restrict_to_modalities={config.restrict_to_modalities}` keeps "
+                why=f"`restrict_to_modalities={restricted}` keeps "
                 "other tokens off the new experts, which a plain router cannot express. Train without "
                 "`restrict_to_modalities` to export, or keep serving the PeftModel.",
             )
@@ -48,8 +49,8 @@ def check_exportable(blocks: list[MoEBlock], adapter_name: str, config: MoExtend
     for moe_block in blocks:
         name, layer = moe_block.name, moe_block.module
         counts[name] = (
-            layer.moextend_router[adapter_name].shape[0]
-            if isinstance(layer, MoExtendLayer) and adapter_name in layer.moextend_router
+            sum(layer.stage_sizes(adapter_name))
+            if isinstance(layer, MoExtendLayer) and layer.extends(adapter_name)
             else 0
         )
         experts = moe_block.block.experts
@@ -75,26 +76,31 @@ def check_exportable(blocks: list[MoEBlock], adapter_name: str, config: MoExtend
 
 
 def new_expert_tensors(layer: MoExtendLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapter's new experts as full tensors in the base layout: gate/up `(n, 2i, h)` and down `(n, h, i)`
-    (`(n, h, 2i)` / `(n, i, h)` for transposed layouts); low-rank ones materialised as source + `B @ A`."""
-    if not layer.is_low_rank(adapter_name):
-        return layer.moextend_gate_up_proj[adapter_name], layer.moextend_down_proj[adapter_name]
-    experts = layer.added_experts(adapter_name)
-    tensors = []
-    for source, a, b in (
-        (experts.source_gate_up, experts.gate_up_a, experts.gate_up_b),
-        (experts.source_down, experts.down_a, experts.down_b),
-    ):
-        delta = torch.bmm(b, a)  # (n, out, in)
-        if experts.is_transposed:
-            delta = delta.transpose(1, 2)
-        tensors.append(source.to(delta.dtype).unsqueeze(0) + delta)
-    return tensors[0], tensors[1]
+    """The adapter's new experts, every stage in order, as full tensors in the base layout: gate/up `(n, 2i, h)` and
+    down `(n, h, i)` (`(n, h, 2i)` / `(n, i, h)` for transposed layouts); low-rank ones materialised as
+    source + `B @ A`."""
+    gate_up, down = [], []
+    for k in range(layer.num_stages(adapter_name)):
+        experts = layer.added_experts(adapter_name, k)
+        if not layer.is_low_rank(adapter_name):
+            gate_up.append(experts.gate_up_proj)
+            down.append(experts.down_proj)
+            continue
+        for tensors, source, a, b in (
+            (gate_up, experts.source_gate_up, experts.gate_up_a, experts.gate_up_b),
+            (down, experts.source_down, experts.down_a, experts.down_b),
+        ):
+            delta = torch.bmm(b, a)  # (n, out, in)
+            if experts.is_transposed:
+                delta = delta.transpose(1, 2)
+            tensors.append(source.to(delta.dtype).unsqueeze(0) + delta)
+    return torch.cat(gate_up), torch.cat(down)
 
 
 @torch.no_grad()
 def append_new_experts(layer: MoExtendLayer, adapter_name: str) -> None:
-    """Append the adapter's new experts and router rows to `layer.base_layer` in place (base dtype)."""
+    """Append the adapter's new experts and router rows (every stage, in order) to `layer.base_layer` in place (base
+    dtype)."""
     block, family = layer.base_layer, layer.family
     experts, router = block.experts, family.router(block)
     old = layer.num_base_experts
@@ -102,7 +108,7 @@ def append_new_experts(layer: MoExtendLayer, adapter_name: str) -> None:
     for name, new in (("gate_up_proj", gate_up), ("down_proj", down)):
         weight = getattr(experts, name)
         setattr(experts, name, nn.Parameter(torch.cat([weight, new.to(weight)]), requires_grad=False))
-    new_rows = layer.moextend_router[adapter_name]
+    new_rows = torch.cat(layer.stages("router", layer.num_stages(adapter_name), adapter_name))
     router.weight = nn.Parameter(torch.cat([router.weight, new_rows.to(router.weight)]), requires_grad=False)
     if getattr(router, "bias", None) is not None:  # new rows have no bias in MoExtend's routing
         router.bias = nn.Parameter(torch.cat([router.bias, router.bias.new_zeros(new_rows.shape[0])]), False)

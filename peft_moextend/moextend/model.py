@@ -16,7 +16,7 @@ from ..tuner_utils import ExpertTuner
 from .config import MoExtendConfig
 from .export import append_new_experts, check_exportable, update_config
 from .extension import measure_expert_usage
-from .layer import MoExtendLayer
+from .layer import MoExtendLayer, MoExtendSettings
 
 logger = logging.getLogger("peft_moextend")
 
@@ -171,32 +171,84 @@ class MoExtendModel(ExpertTuner):
     def init_new_experts_from_data(
         self, batches: Iterable[dict[str, torch.Tensor]], adapter_name: str | None = None
     ) -> dict[int, int]:
-        """Re-initialise the new experts of `adapter_name` from each extended layer's most used expert on `batches`.
+        """Re-initialise the newest new experts of `adapter_name` (its latest stage) from each extended layer's most
+        used expert on `batches`.
 
         Usage is measured with the adapter disabled (the base model's routing), over the tokens the new experts will
         serve: with `restrict_to_modalities`, only tokens of those modalities (marked by the model's placeholder
         tokens or a `modality_ids` entry in the batches); padding never counts. Call before training. Returns
-        `{layer_index: source_expert}` for the extended layers and stores it as the config's `expert_init` (unless
-        it is "zeros").
+        `{layer_index: source_expert}` for the extended layers and records it in the config (`expert_init` for stage
+        0, unless it is "zeros"; the stage's `source_experts` for a later stage).
         """
         adapter_name = adapter_name or self.active_adapters[0]
         config = self.peft_config[adapter_name]
+        stage = len(config.stages)
+        served = config.stage_modalities()[stage]
         with self._disabled_adapters():
-            usage = measure_expert_usage(self.model, batches, restrict_to_modalities=config.restrict_to_modalities)
+            usage = measure_expert_usage(self.model, batches, restrict_to_modalities=served)
         layers = [layer for layer in self._layers() if layer.extends(adapter_name)]
         unseen = [layer.layer_index for layer in layers if not bool(usage[layer.layer_index].sum() > 0)]
         if unseen:
-            served = config.restrict_to_modalities or "any"
             raise ValueError(
-                f"`init_new_experts_from_data` saw no token that the new experts serve ({served} tokens, not "
+                f"`init_new_experts_from_data` saw no token that the new experts serve ({served or 'any'} tokens, not "
                 f"padding) in MoE layers {unseen}, so it cannot tell which expert is most used. Give batches that "
                 "contain such tokens (marked by the model's placeholder tokens or a `modality_ids` entry)."
             )
         sources = {layer.layer_index: int(usage[layer.layer_index].argmax()) for layer in layers}
         for layer in layers:
             layer.copy_expert_into_new(
-                adapter_name, sources[layer.layer_index], zero_down_proj=config.expert_init == "zeros"
+                adapter_name, sources[layer.layer_index], zero_down_proj=config.expert_init == "zeros", k=stage
             )
-        if config.expert_init != "zeros":
+        if stage:
+            config.stages[-1]["source_experts"] = dict(sources)
+        elif config.expert_init != "zeros":
             config.expert_init = dict(sources)
         return sources
+
+    # -- stages: task and modality extension ------------------------------------------------------------------
+    def add_stage(
+        self,
+        name: str,
+        batches: Iterable[dict[str, torch.Tensor]] | None = None,
+        num_new_experts: int | None = None,
+        restrict_to_modalities: list[str] | None = None,
+        adapter_name: str | None = None,
+    ) -> dict:
+        """Add a stage of new experts to adapter `adapter_name` (default: the active one), for a new task or a new
+        modality: `num_new_experts` (default: the adapter's) more experts and router rows in every extended layer,
+        copying the source experts of stage 0 or, with `batches`, each layer's most used expert on them (see
+        `init_new_experts_from_data`). The earlier stages are frozen; one router routes over the base experts and
+        every stage's. `restrict_to_modalities`: the modalities this stage serves (default: the adapter's). Returns
+        `{"stage": k, "source_experts": {layer_index: expert_index}}`."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter {adapter_name!r}; adapters: {list(self.peft_config)}.")
+        config = self.peft_config[adapter_name]
+        layers = [layer for layer in self._layers() if layer.extends(adapter_name)]
+        sources = {layer.layer_index: self._source_expert(config, layer.layer_index) for layer in layers}
+        stage = MoExtendConfig._normalise_stage(
+            {
+                "name": name,
+                "num_new_experts": config.num_new_experts if num_new_experts is None else num_new_experts,
+                "restrict_to_modalities": config.restrict_to_modalities
+                if restrict_to_modalities is None
+                else restrict_to_modalities,
+                "source_experts": sources,
+            }
+        )
+        if any(existing["name"] == name for existing in config.stages):
+            raise ValueError(
+                f"Adapter {adapter_name!r} already has a stage {name!r}; stages so far: "
+                f"{[s['name'] for s in config.stages]}. Give each stage a new name."
+            )
+        config.stages.append(stage)
+        k = len(config.stages)
+        for layer in self._layers():
+            if adapter_name in layer.moextend_settings:
+                layer.moextend_settings[adapter_name] = MoExtendSettings.of(config)
+        for layer in layers:
+            layer.create_stage(adapter_name, k, config, stage["num_new_experts"], sources[layer.layer_index])
+        self._cast_new_stage(adapter_name)
+        if batches is not None:
+            sources = self.init_new_experts_from_data(batches, adapter_name)
+        return {"stage": k, "source_experts": sources}
