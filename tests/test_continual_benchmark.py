@@ -752,3 +752,33 @@ def test_tracks_run_in_order_with_the_grid_choice_and_write_their_outputs_in_the
         "## multitask track ([report](multitask/report.md))",
     ]
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {"task", "modality", "multitask"}
+
+
+def test_gates_of_the_task_track_and_the_multitask_verdict(tmp_path):
+    from benchmarks.continual.report import gates, stage_lines
+
+    results = _results(tmp_path)
+    results["settings"]["track"] = "task"
+    oracle = dict(results["methods"]["sequential_lora"], label="oracle", accuracy=[[0.8], [0.8, 0.7]])
+    oracle["summary"] = summary(oracle["accuracy"])
+    results["methods"]["oracle_lora"] = oracle
+    measured = {g["gate"]: (g["value"], g["passed"]) for g in gates(results) if g["method"] == "cmoe"}
+    assert measured["BWT >= -1 pt"] == (0.0, True)
+    assert measured["average >= oracle - 2 pt"] == (0.0, True)
+    assert measured["text replies identical >= 95%"] == (1.0, True)
+    assert measured["perplexity change <= +1%"] == (0.0, True)
+    assert measured["locator digits >= 98%"] == (0.99, True) and measured["locator letters >= 98%"] == (0.98, True)
+    assert measured["false rejects digits < 2%"] == (0.01, True)
+    results["methods"]["cmoe"]["locator_accuracy"]["letters"] = 0.97
+    assert not dict((g["gate"], g["passed"]) for g in gates(results))["locator letters >= 98%"]
+
+    smola = dict(results["methods"]["cmoe"], label="SMoLA", accuracy=[[0.5, 0.7]])
+    lora = dict(results["methods"]["cmoe"], label="LoRA", accuracy=[[0.6, 0.7]])
+    for result in (smola, lora):
+        result["summary"] = summary(result["accuracy"])
+    assert smola["summary"]["backward_transfer"] is None  # joint training: one stage, no BWT
+    results["methods"] = {"smola": smola, "lora_as_smola": lora}
+    verdict = [line for line in stage_lines(results) if line.startswith("**")]
+    assert verdict == [
+        "**SMoLA does not beat LoRA with its parameter count and steps**: average accuracy 60.0% vs 65.0%."
+    ]

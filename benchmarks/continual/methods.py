@@ -99,7 +99,7 @@ class OracleLoRA(Method):
         return model.disable_adapter()
 
 
-MEDIA = ("image", "audio")
+MEDIA = ("image", "video", "audio")  # the modalities new MoExtend experts may serve (text: never)
 
 
 def _moextend_config(restrict_to_modalities: list[str]) -> MoExtendConfig:
