@@ -107,11 +107,11 @@ def run_grid(name: str, tasks: list[Task], settings: dict, candidates: list[dict
     """Method `name` trained once per grid candidate (`{"learning_rate", "epochs"}`) and scored on the tasks'
     validation splits after the last stage: `{"candidates": [...]}`, per candidate `{"validation_accuracy": {task:
     accuracy}, "text_probe", "text_probe_before"?, "seconds"}` (the probes: held-out perplexity only) or `{"error",
-    "traceback"}`. One process for all candidates."""
+    "traceback"}`. One process for all candidates; no progress bars (a line per candidate instead)."""
     scores = []
     for candidate in candidates:
         started = time.perf_counter()
-        result = run_method(name, tasks, settings | candidate | {"split": "validation"})
+        result = run_method(name, tasks, settings | candidate | {"split": "validation", "progress": False})
         if "error" in result:
             scores.append(result)
             continue
