@@ -353,7 +353,7 @@ def write_outputs(results: dict, output: Path) -> None:
         report.plot_accuracy_matrices(results, task_names, output / images["accuracy"])
         report.plot_forgetting(results, task_names, output / images["forgetting"])
     for name in ("moextend", "moextend_tasks"):
-        if "routing" in results["methods"].get(name, {}):
+        if results["methods"].get(name, {}).get("routing"):  # none when every task is text
             images[f"routing_{name}"] = f"{name}_routing.png"
             report.plot_routing(results["methods"][name]["routing"], output / images[f"routing_{name}"])
     save_results(results, output)

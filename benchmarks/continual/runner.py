@@ -230,14 +230,15 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
 
 def routing_statistics(model, towers: Towers, tasks: list[Task], test_rows: dict, vocabulary) -> dict:
     """Per extended layer and task: the share of each expert among the routing slots of the task's image/audio
-    tokens and of its text tokens (test sets). Returns {task: {"layers", "image_or_audio", "text"}}."""
+    tokens and of its text tokens (test sets), for the tasks with image/audio inputs (a text task's tokens keep the
+    base routing: MoExtend records none for them). Returns {task: {"layers", "modality", "text"}}."""
     layers = {
         int(n.split(".layers.")[1].split(".")[0]): m
         for n, m in model.named_modules()
         if type(m).__name__ == "MoExtendLayer"
     }
     statistics = {}
-    for task in tasks:
+    for task in [t for t in tasks if t.modality != "text"]:
         counts = {kind: {i: 0 for i in layers} for kind in ("modality", "text")}
 
         def collect(batch: dict, counts=counts) -> None:
