@@ -752,6 +752,21 @@ def test_tracks_run_in_order_with_the_grid_choice_and_write_their_outputs_in_the
         "## multitask track ([report](multitask/report.md))",
     ]
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {"task", "modality", "multitask"}
+    # one track alone: its results replace its old ones, the summary keeps the other tracks' from their folders
+    (tmp_path / "summary.json").unlink()
+    arguments = [
+        "--output-dir",
+        str(tmp_path),
+        "--train-size",
+        "20",
+        "--validation-size",
+        "5",
+        "--grid-train-size",
+        "8",
+    ]
+    cli.main([*arguments, "--track", "modality", "--methods", "pathweave"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["task", "modality", "multitask"] and list(summary["modality"]["methods"]) == ["pathweave"]
 
 
 def test_gates_of_the_task_track_and_the_multitask_verdict(tmp_path):

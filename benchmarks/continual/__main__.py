@@ -367,8 +367,13 @@ def write_outputs(results: dict, output: Path) -> None:
 
 
 def write_summary(tracks: dict[str, dict], output: Path) -> None:
-    """<output>/summary.md and summary.json: each track's chosen setting and one row per method."""
-    summary = {name: report.track_summary(results) for name, results in tracks.items()}
+    """<output>/summary.md and summary.json: each track's chosen setting and one row per method -- the tracks of
+    this run (`tracks`) and, for the others, their results.json left in `output` by an earlier run."""
+    for name in TRACKS:
+        path = output / name / "results.json"
+        if name not in tracks and path.exists():
+            tracks = tracks | {name: json.loads(path.read_text())}
+    summary = {name: report.track_summary(tracks[name]) for name in TRACKS if name in tracks}
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
     (output / "summary.md").write_text(report.summary_markdown(summary))
 
