@@ -38,5 +38,6 @@ bench: install
 	$(PY) -m benchmarks.continual.synthetic
 	$(PY) benchmarks/adapter_overhead.py
 
+# the three tracks (each under 90 min on 2 CPU cores); TRACK=task|modality|multitask runs one
 bench-continual: install data
-	$(PY) -m benchmarks.continual
+	$(PY) -m benchmarks.continual $(if $(TRACK),--track $(TRACK))

@@ -175,6 +175,9 @@ def test_alignment_captions_do_not_depend_on_the_label():
     task = data.Task("digits", "image", "?", ["0", "1"], "", [(image, 0), (image, 1)], [])
     first, second = alignment_rows([task], VOCABULARY, 2)
     assert first["labels"] == second["labels"]
+    facts = data.Task("facts", "text", "?", ["red"], "", [("Which team?", 0)], [])
+    with_text = alignment_rows([facts, task], VOCABULARY, 2)  # a text task (modality track) has nothing to align
+    assert [r["input_ids"] for r in with_text] == [first["input_ids"], second["input_ids"]]
     cells = image.reshape(4, 7, 4, 7).mean(axis=(1, 3)).ravel()
     levels = np.clip(cells / cells.max() * 9.99, 0, 9).astype(int)
     assert [t for t in first["labels"] if t != -100] == VOCABULARY.encode(" ".join(map(str, levels)) + "<|im_end|>")
@@ -526,3 +529,271 @@ def test_a_killed_benchmark_leaves_no_process_behind(tmp_path):
         assert not _running(child)
     finally:
         main.kill()
+
+
+def test_tracks_have_their_own_tasks_methods_and_protocol_and_overrides_apply_within_a_track():
+    from benchmarks.continual.__main__ import parse_arguments
+    from benchmarks.continual.methods import METHODS
+    from benchmarks.continual.tracks import TRACKS, track_plan
+
+    assert list(TRACKS) == ["task", "modality", "multitask"]  # the full run's order
+    task, modality, multitask = (track_plan(TRACKS[name]) for name in TRACKS)
+    assert task == {
+        "track": "task",
+        "tasks": ["digits", "animals", "fashion"],
+        "methods": ["sequential_lora", "oracle_lora", "cmoe", "moextend_tasks"],
+        "protocol": "sequential",
+    }
+    assert modality["tasks"] == ["animal_teams", "digits", "spoken"]
+    assert modality["methods"] == ["sequential_lora", "pathweave", "moextend"]
+    assert multitask["protocol"] == "joint" and multitask["methods"] == [
+        "smola",
+        "lora_as_smola",
+        "modex",
+        "lora_as_modex",
+    ]
+    assert set(multitask["methods"]) | set(task["methods"]) | set(modality["methods"]) <= set(METHODS)
+    overridden = track_plan(TRACKS["modality"], ["digits", "spoken"], ["pathweave"])
+    assert overridden == {
+        "track": "modality",
+        "tasks": ["digits", "spoken"],
+        "methods": ["pathweave"],
+        "protocol": "sequential",
+    }
+    assert parse_arguments([]).track is None  # all three
+    assert parse_arguments(["--track", "multitask", "task"]).track == ["multitask", "task"]
+    with pytest.raises(SystemExit):
+        parse_arguments(["--track", "task", "--no-grid", "--epochs", "2"])  # --no-grid needs the learning rate too
+
+
+def _candidate(lr, epochs, scores):
+    return {"learning_rate": lr, "epochs": epochs, "methods": scores}
+
+
+def test_grid_choice_is_the_best_mean_validation_accuracy_within_the_perplexity_bound():
+    from benchmarks.continual.tracks import choose_candidate
+
+    def score(accuracy, perplexity=0.0):
+        return {"validation_accuracy": accuracy, "perplexity_change": perplexity}
+
+    grid = [
+        _candidate(1e-3, 1, {"a": score(0.2), "b": score(0.4)}),  # mean 0.3
+        _candidate(1e-3, 2, {"a": score(0.5), "b": score(0.3, 0.9)}),  # mean 0.4, +90%: admissible
+        _candidate(3e-3, 1, {"a": score(0.9), "b": score(0.9, 1.5)}),  # best mean, but b's perplexity +150%
+        _candidate(3e-3, 2, {"a": score(0.95), "b": {"error": "RuntimeError: x"}}),  # a failed method rejects
+    ]
+    choice = choose_candidate(grid)
+    assert (choice["index"], choice["learning_rate"], choice["epochs"]) == (1, 1e-3, 2)
+    assert choice["mean_validation_accuracy"] == pytest.approx(0.4) and choice["rejected"] == [2, 3]
+    assert choice["within_bound"]
+    assert choose_candidate(grid, perplexity_bound=2.0)["index"] == 2  # a looser bound admits the best mean
+    tied = [_candidate(1e-3, 1, {"a": score(0.5)}), _candidate(3e-3, 1, {"a": score(0.5)})]
+    assert choose_candidate(tied)["index"] == 0  # ties: the earlier candidate
+    none = [_candidate(1e-3, 1, {"a": score(0.9, 3.0)}), _candidate(3e-3, 1, {"a": score(0.1, 2.0)})]
+    assert (choose_candidate(none)["index"], choose_candidate(none)["within_bound"]) == (1, False)
+    with pytest.raises(ValueError, match="grid is empty"):
+        choose_candidate([])
+
+
+def test_joint_mixture_has_every_row_once_per_epoch_in_single_modality_batches():
+    from benchmarks.continual.tracks import mixture_plan
+
+    modalities = ["image"] * 37 + ["audio"] * 21 + ["text"] * 5
+    for epochs in (1, 2, 3):
+        plan = mixture_plan(modalities, epochs, batch_size=8, seed=4)
+        counts = np.bincount([i for batch in plan for i in batch], minlength=len(modalities))
+        assert counts.tolist() == [epochs] * len(modalities)
+        assert all(len({modalities[i] for i in batch}) == 1 for batch in plan)
+    sequence = [modalities[batch[0]] for batch in mixture_plan(modalities, 1, batch_size=8, seed=4)]
+    assert sequence != sorted(sequence, key=["image", "audio", "text"].index)  # a mixture, not modality blocks
+
+
+def test_lora_rank_matching_gives_parameter_counts_within_a_few_percent():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.continual.methods import lora_parameters_per_rank
+    from benchmarks.continual.tracks import matched_lora_rank
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    pattern = r"model\.layers\.(1|2)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
+    per_rank = lora_parameters_per_rank(LlamaForCausalLM(config), pattern)
+    # q, o: 32+32; k, v: 32+16; gate, up: 32+80; down: 80+32 -- per layer, two layers
+    assert per_rank == 2 * (2 * 64 + 2 * 48 + 3 * 112)
+    for target in (3_000, 10_001, 25_000):
+        rank = matched_lora_rank(target, per_rank)
+        lora = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=rank, target_modules=pattern))
+        count = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        assert count == rank * per_rank  # the count the matching assumed is peft's own
+        assert abs(count - target) <= per_rank / 2  # the closest rank
+    # the benchmark's own counts (SmolLM2 layers 15-29, all 7 projections: 152,640 per rank)
+    for target in (8_225_280, 1_487_232):  # SMoLA, ModeX (full run of 2026-11-24)
+        rank = matched_lora_rank(target, 152_640)
+        assert abs(rank * 152_640 / target - 1) < 0.03
+    assert matched_lora_rank(10, 1000) == 1
+    with pytest.raises(ValueError, match="parameters_per_rank must be positive"):
+        matched_lora_rank(10, 0)
+
+
+def test_synthetic_voice_test_split_shares_no_voice_variant_with_training():
+    train = data.voice_plan(400, seed=0, held_out=False)
+    test = data.voice_plan(200, seed=0, held_out=True)
+
+    def variants(plan):
+        return {voice.split("+")[1] for voice, *_ in plan}
+
+    assert variants(train).isdisjoint(variants(test))
+    assert variants(test) == set(data.HELD_OUT_VARIANTS) and variants(train) == set(data.TRAIN_VARIANTS)
+    assert {voice for voice, *_ in test}.isdisjoint({voice for voice, *_ in train})
+    assert {voice.split("+")[0] for voice, *_ in test} == set(data.VOICES)  # every accent is tested
+    assert [label for *_, label in test[:20]] == list(range(10)) * 2  # balanced classes
+
+
+def test_validation_is_carved_out_of_the_training_data():
+    (digits, teams), notes = data.load_tasks(40, 10, 0, ["digits", "animal_teams"], validation_size=12)
+    assert notes == [] and (len(digits.train), len(digits.validation), len(digits.test)) == (40, 12, 10)
+    (whole,), _ = data.load_tasks(52, 10, 0, ["digits"])
+    assert [y for _, y in digits.train + digits.validation] == [y for _, y in whole.train]  # the same pool, split
+    seen = {x.tobytes() for x, _ in digits.train + digits.test}
+    assert not any(x.tobytes() in seen for x, _ in digits.validation)
+    assert teams.validation == teams.train == teams.test  # a recall task is validated on its taught facts
+    with pytest.raises(ValueError, match="validation size 40 must be between 1 and 39"):
+        data.carve_validation(data.Task("t", "image", "?", ["a"], "", [(0, 0)] * 40, []), 40)
+
+
+def _fake_method_result(tasks, joint, label, perplexity=18.0):
+    probe = {"fact_accuracy": 0.5, "perplexity": perplexity, "replies": ["Paris.", "Blue."]}
+    rows = [[0.6] * len(tasks)] if joint else [[0.6] * (i + 1) for i in range(len(tasks))]
+    stages = [
+        {"task": "mixture" if joint else t.name, "seconds": 1.0, "stage_seconds": 2.0, "trainable": 10} for t in tasks
+    ]
+    return {
+        "label": label,
+        "accuracy": rows,
+        "stages": stages[:1] if joint else stages,
+        "text_probe": probe,
+        "peak_memory_mib": 100.0,
+    }
+
+
+def test_tracks_run_in_order_with_the_grid_choice_and_write_their_outputs_in_their_folders(tmp_path, monkeypatch):
+    """Each track: the grid on reduced training data, then every method with the one chosen setting; outputs in
+    <output>/<track>/ and a summary at the top."""
+    from benchmarks.continual import __main__ as cli
+
+    def fake_load(train_size, test_size, seed, names, validation_size):
+        image = np.zeros((28, 28), np.float32)
+        return [
+            data.Task(
+                n,
+                "image",
+                "?",
+                list("0123456789"),
+                "test",
+                [(image, 0)] * train_size,
+                [(image, 0)] * 2,
+                validation=[(image, 0)] * validation_size,
+            )
+            for n in names
+        ], []
+
+    base = {"fact_accuracy": 0.5, "perplexity": 18.0, "replies": ["Paris.", "Blue."]}
+    grid_sizes, method_settings = [], []
+
+    def fake_in_subprocess(target, *args, quiet=False):
+        if target is cli.align:
+            return {"cached": True, "path": "t.pt", "base_accuracy": {t.name: 0.0 for t in args[0]}, "text_probe": base}
+        if target is cli.run_grid:
+            name, tasks, settings, candidates = args
+            grid_sizes.append(len(tasks[0].train))
+            # the best mean (lr 3e-3, 2 epochs) blows up one method's perplexity: the choice is lr 3e-3, 1 epoch
+            return {
+                "candidates": [
+                    {
+                        "validation_accuracy": {t.name: c["learning_rate"] * 100 + c["epochs"] / 10 for t in tasks},
+                        "text_probe": base
+                        | {"perplexity": 100.0 if c["epochs"] == 2 and name in ("sequential_lora", "smola") else 18.0},
+                        "seconds": 1.0,
+                    }
+                    for c in candidates
+                ]
+            }
+        name, tasks, settings = args
+        method_settings.append((name, settings["learning_rate"], settings["epochs"], settings.get("protocol")))
+        return _fake_method_result(tasks, settings.get("protocol") == "joint", name)
+
+    monkeypatch.setattr(cli, "load_tasks", fake_load)
+    monkeypatch.setattr(cli, "in_subprocess", fake_in_subprocess)
+    cli.main(["--output-dir", str(tmp_path), "--train-size", "20", "--validation-size", "5", "--grid-train-size", "8"])
+    assert grid_sizes == [8] * (4 + 3 + 4)  # every method of every track, on the reduced training data
+    expected = [(m, 3e-3, 1, t.protocol) for t in cli.TRACKS.values() for m in t.methods]
+    assert method_settings == expected
+    for name in cli.TRACKS:
+        files = {p.name for p in (tmp_path / name).iterdir()}
+        assert {"results.json", "report.md", "track.png"} <= files
+        assert ("forgetting.png" in files) == (name != "multitask")
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["grid"]["choice"]["rejected"] == [1, 3] and results["chosen"] == {
+            "learning_rate": 3e-3,
+            "epochs": 1,
+        }
+        assert "| 0.003 | 1 |" in (tmp_path / name / "report.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert [line for line in summary.splitlines() if line.startswith("## ")] == [
+        "## task track ([report](task/report.md))",
+        "## modality track ([report](modality/report.md))",
+        "## multitask track ([report](multitask/report.md))",
+    ]
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"task", "modality", "multitask"}
+    # one track alone: its results replace its old ones, the summary keeps the other tracks' from their folders
+    (tmp_path / "summary.json").unlink()
+    arguments = [
+        "--output-dir",
+        str(tmp_path),
+        "--train-size",
+        "20",
+        "--validation-size",
+        "5",
+        "--grid-train-size",
+        "8",
+    ]
+    cli.main([*arguments, "--track", "modality", "--methods", "pathweave"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary) == ["task", "modality", "multitask"] and list(summary["modality"]["methods"]) == ["pathweave"]
+
+
+def test_gates_of_the_task_track_and_the_multitask_verdict(tmp_path):
+    from benchmarks.continual.report import gates, stage_lines
+
+    results = _results(tmp_path)
+    results["settings"]["track"] = "task"
+    oracle = dict(results["methods"]["sequential_lora"], label="oracle", accuracy=[[0.8], [0.8, 0.7]])
+    oracle["summary"] = summary(oracle["accuracy"])
+    results["methods"]["oracle_lora"] = oracle
+    measured = {g["gate"]: (g["value"], g["passed"]) for g in gates(results) if g["method"] == "cmoe"}
+    assert measured["BWT >= -1 pt"] == (0.0, True)
+    assert measured["average >= oracle - 2 pt"] == (0.0, True)
+    assert measured["text replies identical >= 95%"] == (1.0, True)
+    assert measured["perplexity change <= +1%"] == (0.0, True)
+    assert measured["locator digits >= 98%"] == (0.99, True) and measured["locator letters >= 98%"] == (0.98, True)
+    assert measured["false rejects digits < 2%"] == (0.01, True)
+    results["methods"]["cmoe"]["locator_accuracy"]["letters"] = 0.97
+    assert not dict((g["gate"], g["passed"]) for g in gates(results))["locator letters >= 98%"]
+
+    smola = dict(results["methods"]["cmoe"], label="SMoLA", accuracy=[[0.5, 0.7]])
+    lora = dict(results["methods"]["cmoe"], label="LoRA", accuracy=[[0.6, 0.7]])
+    for result in (smola, lora):
+        result["summary"] = summary(result["accuracy"])
+    assert smola["summary"]["backward_transfer"] is None  # joint training: one stage, no BWT
+    results["methods"] = {"smola": smola, "lora_as_smola": lora}
+    verdict = [line for line in stage_lines(results) if line.startswith("**")]
+    assert verdict == [
+        "**SMoLA does not beat LoRA with its parameter count and steps**: average accuracy 60.0% vs 65.0%."
+    ]

@@ -8,6 +8,7 @@ A task whose optional data package is missing raises `MissingData` with the comm
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import gzip
 import importlib.util
@@ -53,6 +54,10 @@ class Task:
     source: str
     train: list[tuple[np.ndarray | str, int]] = field(repr=False)
     test: list[tuple[np.ndarray | str, int]] = field(repr=False)
+    # carved out of the training data by `carve_validation` (the grid's score); empty until then
+    validation: list[tuple[np.ndarray | str, int]] = field(default_factory=list, repr=False)
+    # further reported test sets that are not the main score, e.g. spoken digits' human recordings (domain shift)
+    extra_tests: dict[str, list[tuple[np.ndarray | str, int]]] = field(default_factory=dict, repr=False)
 
 
 def _split(inputs: np.ndarray, labels: np.ndarray, train_size: int, test_size: int, seed: int):
@@ -270,6 +275,24 @@ class _Espeak:
 
 VOICES = ("en", "en-us", "en-gb-scotland", "en-029", "en-gb-x-rp")
 VARIANTS = ("m1", "m3", "m5", "m7", "f1", "f2", "f3", "f4", "croak", "klatt")
+HELD_OUT_VARIANTS = ("m7", "f4")  # the synthetic test voices: never used for training or validation
+TRAIN_VARIANTS = tuple(v for v in VARIANTS if v not in HELD_OUT_VARIANTS)
+
+
+def voice_plan(count: int, seed: int, held_out: bool) -> list[tuple[str, int, int, int]]:
+    """`count` espeak-ng utterances, `(voice, rate, pitch, label)` with labels cycling 0-9: voices of the training
+    variants, or (`held_out`) of the held-out variants only (every accent)."""
+    rng = np.random.default_rng([seed, int(held_out)])
+    variants = HELD_OUT_VARIANTS if held_out else TRAIN_VARIANTS
+    return [
+        (
+            f"{VOICES[rng.integers(len(VOICES))]}+{variants[rng.integers(len(variants))]}",
+            int(rng.integers(120, 230)),
+            int(rng.integers(20, 80)),
+            i % 10,
+        )
+        for i in range(count)
+    ]
 
 
 def _augment(waveform: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -282,10 +305,12 @@ def _augment(waveform: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (waveform + noise).astype(np.float32)
 
 
-def spoken_digits(train_size: int, test_variants: int, seed: int) -> Task:
-    """Train: digits synthesised by espeak-ng (voices, variants, rate, pitch, noise); test: the real human
-    recordings of Debian's asterisk-core-sounds-en-wav (one speaker), each with `test_variants - 1` augmented
-    copies (speed, gain, noise) next to the original."""
+def spoken_digits(train_size: int, test_size: int, seed: int) -> Task:
+    """Train: digits synthesised by espeak-ng (accents x the training voice variants, rate, pitch, noise); test
+    (the main score): `test_size` clips of the held-out voice variants (`HELD_OUT_VARIANTS`), never heard in
+    training; `extra_tests["human recordings"]`: the real recordings of Debian's asterisk-core-sounds-en-wav (one
+    speaker), each with `test_size // 10 - 1` augmented copies (speed, gain, noise) next to the original -- a
+    synthetic-to-human domain shift, reported beside the main score."""
     if importlib.util.find_spec("espeakng_loader") is None:
         raise MissingData("espeak-ng (PyPI package espeakng-loader)", "pip install espeakng-loader")
     if not (ASTERISK_DIGITS / "0.wav").exists():
@@ -297,28 +322,33 @@ def spoken_digits(train_size: int, test_variants: int, seed: int) -> Task:
 
     rng = np.random.default_rng(seed)
     espeak = _Espeak()
-    train = []
-    for i in range(train_size):
-        label = i % 10
-        voice = f"{VOICES[rng.integers(len(VOICES))]}+{VARIANTS[rng.integers(len(VARIANTS))]}"
-        waveform = espeak.say(DIGIT_WORDS[label], voice, int(rng.integers(120, 230)), int(rng.integers(20, 80)))
-        train.append((_log_mel(_augment(waveform, rng), espeak.sample_rate), label))
-    test = []
+
+    def synthesise(plan: list[tuple[str, int, int, int]]) -> list[tuple[np.ndarray, int]]:
+        return [
+            (_log_mel(_augment(espeak.say(DIGIT_WORDS[label], voice, rate, pitch), rng), espeak.sample_rate), label)
+            for voice, rate, pitch, label in plan
+        ]
+
+    train = synthesise(voice_plan(train_size, seed, held_out=False))
+    test = synthesise(voice_plan(test_size, seed, held_out=True))
+    human = []
     for label in range(10):
         with wave.open(str(ASTERISK_DIGITS / f"{label}.wav")) as recording:
             rate = recording.getframerate()
             waveform = np.frombuffer(recording.readframes(recording.getnframes()), dtype=np.int16).astype(np.float32)
-        test.append((_log_mel(waveform, rate), label))
-        test += [(_log_mel(_augment(waveform, rng), rate), label) for _ in range(test_variants - 1)]
+        human.append((_log_mel(waveform, rate), label))
+        human += [(_log_mel(_augment(waveform, rng), rate), label) for _ in range(max(1, test_size // 10) - 1)]
     order = rng.permutation(len(train))
     return Task(
         "spoken",
         "audio",
         "Which digit is spoken?",
         [str(d) for d in range(10)],
-        "espeak-ng synthesis (train), asterisk-core-sounds-en-wav human recordings (test)",
+        f"espeak-ng synthesis (train: variants {', '.join(TRAIN_VARIANTS)}; test: held-out variants "
+        f"{', '.join(HELD_OUT_VARIANTS)}), asterisk-core-sounds-en-wav human recordings (domain shift)",
         [train[i] for i in order],
         test,
+        extra_tests={"human recordings": human},
     )
 
 
@@ -359,25 +389,42 @@ DEFAULT_TASKS = ("digits", "animals", "fashion", "spoken")
 
 
 def load_tasks(
-    train_size: int, test_size: int, seed: int, names: tuple[str, ...] | list[str] = DEFAULT_TASKS
+    train_size: int,
+    test_size: int,
+    seed: int,
+    names: tuple[str, ...] | list[str] = DEFAULT_TASKS,
+    validation_size: int = 0,
 ) -> tuple[list[Task], list[str]]:
     """The tasks `names` in order (default digits -> animals -> fashion -> spoken digits), and notes on every task
-    that was substituted or skipped (with the install command). A missing Fashion-MNIST is replaced by `letters`."""
+    that was substituted or skipped (with the install command). A missing Fashion-MNIST is replaced by `letters`.
+    With `validation_size`, each task gets a validation split carved out of `train_size + validation_size` training
+    examples (`carve_validation`), so that its training split keeps `train_size`."""
     unknown = [name for name in names if name not in TASK_LOADERS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(TASK_LOADERS)}")
     tasks, notes = [], []
     for name in names:
         loader = TASK_LOADERS[name]
+        pool = train_size + validation_size
         try:
-            if loader is spoken_digits:
-                tasks.append(loader(train_size, max(1, test_size // 10), seed))
-            else:
-                tasks.append(loader(train_size, test_size, seed))
+            tasks.append(loader(pool, test_size, seed))
         except MissingData as error:
             if loader is fashion_mnist and "letters" not in names:
-                tasks.append(printed_letters(train_size, test_size, seed))
+                tasks.append(printed_letters(pool, test_size, seed))
                 notes.append(f"{error} -- using the substitute task 'letters' (Pillow-rendered letters A-J).")
             else:
                 notes.append(f"SKIPPED task: {error}")
+    if validation_size:
+        tasks = [carve_validation(task, validation_size) for task in tasks]
     return tasks, notes
+
+
+def carve_validation(task: Task, size: int) -> Task:
+    """`task` with its last `size` training examples moved to `validation` (the training data are already in a
+    seeded random order). A recall task (training and test are the same taught facts, e.g. the team facts) keeps
+    them all for training and is validated on them: there is nothing else to carve."""
+    if task.train == task.test:
+        return dataclasses.replace(task, validation=list(task.train))
+    if not 0 < size < len(task.train):
+        raise ValueError(f"validation size {size} must be between 1 and {len(task.train) - 1} for task {task.name}.")
+    return dataclasses.replace(task, train=task.train[:-size], validation=task.train[-size:])

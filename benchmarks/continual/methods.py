@@ -3,11 +3,16 @@
 Every method adapts the upper half of the language model (layers 15-29 of 30) so that they see the same layers;
 the towers stay frozen. A method is a small class: `create` wraps the model, `start_stage` runs before a task is
 trained (new adapter / task / modality), `end_stage` after it, and `eval_kwargs` / `text_kwargs` say how a task or
-the text probe is evaluated.
+the text probe is evaluated. `plan` sees the whole task list before `create`; `trains(task)` says whether a stage
+trains anything (MoExtend's new experts never see a text task's tokens, so its text stage trains nothing).
+
+Every method of a track trains with the track's one learning rate and number of epochs (chosen on the grid); the
+class's `learning_rate` applies only where no track setting is given (the `--quick` demo).
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import torch
@@ -17,6 +22,7 @@ import peft_moextend
 from peft_moextend import CMoEConfig, ModeXConfig, MoExtendConfig, PathWeaveConfig, SMoLAConfig
 
 from .data import Task
+from .tracks import matched_lora_rank
 
 NUM_LAYERS = 30
 UPPER = rf"model\.language_model\.layers\.({'|'.join(str(i) for i in range(NUM_LAYERS // 2, NUM_LAYERS))})"
@@ -32,8 +38,15 @@ class Method:
     moe = False
     learning_rate = 3e-3
 
+    def plan(self, tasks: list[Task]) -> None:
+        """Sees the whole task list before `create` (e.g. which modalities will come)."""
+
     def create(self, model: torch.nn.Module, first_task: Task, calibration_batches: list[dict]) -> PeftModel:
         raise NotImplementedError
+
+    def trains(self, task: Task) -> bool:
+        """Whether training on `task` can change the model (False: the stage is skipped and reported so)."""
+        return True
 
     def start_stage(self, model: PeftModel, stage: int, task: Task, probe_batches: list[dict]) -> dict | None:
         """Before training `task` (stage > 0 for every task but the first); what it returns goes in the report."""
@@ -86,23 +99,69 @@ class OracleLoRA(Method):
         return model.disable_adapter()
 
 
-class MoExtend(Method):
-    """One new expert per MoE layer of the upper half of the upcycled 4-expert SmolLM2-MoE, used by image and
-    audio tokens only (text keeps the base experts and routing exactly); new experts copy each layer's most used
-    expert on the first task's data, then train sequentially through the tasks."""
+MEDIA = ("image", "video", "audio")  # the modalities new MoExtend experts may serve (text: never)
 
-    name, label, moe = "moextend", "MoExtend (upcycled 4-expert MoE, +1 expert/layer)", True
-    learning_rate = 1e-3  # full-size experts copied from a trained one: a smaller step than the low-rank methods
+
+def _moextend_config(restrict_to_modalities: list[str]) -> MoExtendConfig:
+    return MoExtendConfig(
+        num_new_experts=1,
+        target_layers=list(range(NUM_LAYERS // 2, NUM_LAYERS)),
+        restrict_to_modalities=restrict_to_modalities,
+    )
+
+
+class MoExtend(Method):
+    """A stage of new experts per modality on the upper half of the upcycled 4-expert SmolLM2-MoE (one new expert
+    per layer and stage): the first image/audio modality of the sequence is stage 0, each later one
+    `add_stage(task, restrict_to_modalities=[modality])`; each stage's experts are used by its modality's tokens only
+    (text keeps the base experts and routing exactly) and copy each layer's most used expert on the stage's first
+    task. Tasks of a modality already staged train that stage further; a text task trains nothing."""
+
+    name, label, moe = "moextend", "MoExtend (upcycled 4-expert MoE, +1 expert/layer per modality)", True
+    learning_rate = 1e-3  # the demo's own step (full-size experts); a track uses its grid's choice for every method
+
+    def plan(self, tasks):
+        media = [t.modality for t in tasks if t.modality in MEDIA]
+        self.modalities = list(dict.fromkeys(media)) or ["image"]
+        self.staged: list[str] = []
 
     def create(self, model, first_task, calibration_batches):
-        config = MoExtendConfig(
-            num_new_experts=1,
-            target_layers=list(range(NUM_LAYERS // 2, NUM_LAYERS)),
-            restrict_to_modalities=["image", "audio"],
-        )
-        peft_model = get_peft_model(model, config)
+        return get_peft_model(model, _moextend_config(self.modalities[:1]))
+
+    def trains(self, task):
+        return task.modality in MEDIA
+
+    def start_stage(self, model, stage, task, probe_batches):
+        if task.modality not in MEDIA or task.modality in self.staged:
+            return None
+        if not self.staged:
+            model.base_model.init_new_experts_from_data(probe_batches)
+            extension = {"stage": 0}
+        else:
+            extension = model.base_model.add_stage(
+                task.name, batches=probe_batches, restrict_to_modalities=[task.modality]
+            )
+        self.staged.append(task.modality)
+        return {"moextend_stage": extension["stage"], "stage_modality": task.modality}
+
+
+class MoExtendTasks(Method):
+    """MoExtend's task-extension mode: a stage of new experts per task (stage 0 for the first, then
+    `add_stage(task)`; earlier stages' experts and router rows frozen), one router over the base and all stages'
+    experts decides -- no task id. New experts see image/audio tokens only, so text stays untouched."""
+
+    name, label, moe = "moextend_tasks", "MoExtend (upcycled MoE, +1 expert/layer per task, router decides)", True
+
+    def create(self, model, first_task, calibration_batches):
+        peft_model = get_peft_model(model, _moextend_config(list(MEDIA)))
         peft_model.base_model.init_new_experts_from_data(calibration_batches)
         return peft_model
+
+    def start_stage(self, model, stage, task, probe_batches):
+        if stage == 0:
+            return {"moextend_stage": 0}
+        extension = model.base_model.add_stage(task.name, batches=probe_batches)
+        return {"moextend_stage": extension["stage"]}
 
 
 class SMoLA(Method):
@@ -158,9 +217,52 @@ class ModeX(Method):
         return get_peft_model(model, config)
 
 
+def lora_parameters_per_rank(model: torch.nn.Module, pattern: str) -> int:
+    """Trainable parameters a LoRA of rank 1 adds on the `nn.Linear` modules whose name fully matches `pattern`
+    (A and B: in + out features per module)."""
+    import re
+
+    return sum(
+        module.in_features + module.out_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and re.fullmatch(pattern, name)
+    )
+
+
+class MatchedLoRA(Method):
+    """LoRA on all 7 projections of layers 15-29 with the rank whose trainable-parameter count is closest to
+    method `target`'s on this model (counted on a copy of the model wrapped by `target`)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.name = f"lora_as_{target}"
+        self.label = f"LoRA, {target.replace('smola', 'SMoLA').replace('modex', 'ModeX')}'s parameter count"
+
+    def create(self, model, first_task, calibration_batches):
+        target_model = METHODS[self.target].create(copy.deepcopy(model), first_task, calibration_batches)
+        self.target_parameters = sum(p.numel() for p in target_model.parameters() if p.requires_grad)
+        del target_model
+        self.rank = matched_lora_rank(self.target_parameters, lora_parameters_per_rank(model, ALL_PROJECTIONS))
+        return get_peft_model(model, LoraConfig(r=self.rank, lora_alpha=2 * self.rank, target_modules=ALL_PROJECTIONS))
+
+    def start_stage(self, model, stage, task, probe_batches):
+        return {"lora_rank": self.rank, "matched_parameters": self.target_parameters} if stage == 0 else None
+
+
 METHODS: dict[str, Method] = {
     method.name: method
-    for method in (SequentialLoRA(), OracleLoRA(), MoExtend(), SMoLA(), CMoE(), PathWeave(), ModeX())
+    for method in (
+        SequentialLoRA(),
+        OracleLoRA(),
+        MoExtend(),
+        MoExtendTasks(),
+        SMoLA(),
+        CMoE(),
+        PathWeave(),
+        ModeX(),
+        MatchedLoRA("smola"),
+        MatchedLoRA("modex"),
+    )
 }
 
 

@@ -15,8 +15,8 @@ import torch
 
 from .data import Task
 from .methods import METHODS
-from .model import Towers, build_vlm, load_language_model, model_inputs
-from .training import accuracy, alignment_rows, batches, task_rows, text_probe, train
+from .model import Towers, build_vlm, example, load_language_model, model_inputs
+from .training import accuracy, alignment_rows, batches, held_out_perplexity, task_rows, text_probe, train
 
 CACHE_DIR = Path("~/.cache/peft_moextend/continual").expanduser()
 ALIGNMENT_VERSION = 8  # bump when the towers, captions or alignment recipe change
@@ -95,20 +95,56 @@ def align(tasks: list[Task], settings: dict) -> dict:
 
 
 def run_method(name: str, tasks: list[Task], settings: dict) -> dict:
-    """Train method `name` through `tasks` in order; evaluate every seen task after every stage."""
+    """Train method `name` through `tasks` (in order, or jointly when `settings["protocol"] == "joint"`); evaluate
+    every seen task after every stage."""
     try:
         return _run_method(name, tasks, settings)
     except Exception as error:  # reported in the results, the other methods still run
         return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
 
 
+def run_grid(name: str, tasks: list[Task], settings: dict, candidates: list[dict]) -> dict:
+    """Method `name` trained once per grid candidate (`{"learning_rate", "epochs"}`) and scored on the tasks'
+    validation splits after the last stage: `{"candidates": [...]}`, per candidate `{"validation_accuracy": {task:
+    accuracy}, "text_probe", "text_probe_before"?, "seconds"}` (the probes: held-out perplexity only) or `{"error",
+    "traceback"}`. One process for all candidates; no progress bars (a line per candidate instead)."""
+    scores = []
+    for candidate in candidates:
+        started = time.perf_counter()
+        result = run_method(name, tasks, settings | candidate | {"split": "validation", "progress": False})
+        if "error" in result:
+            scores.append(result)
+            continue
+        if "text_probe_before" in result:
+            settings = settings | {"text_probe_before": result["text_probe_before"]}
+        scores.append(
+            {
+                "validation_accuracy": dict(zip([t.name for t in tasks], result["accuracy"][-1], strict=True)),
+                "text_probe": result["text_probe"],
+                **({"text_probe_before": result["text_probe_before"]} if "text_probe_before" in result else {}),
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        print(
+            f"  {name} lr {candidate['learning_rate']:g}, {candidate['epochs']:g} epoch(s): "
+            + ", ".join(f"{task} {a:.1%}" for task, a in scores[-1]["validation_accuracy"].items()),
+            flush=True,
+        )
+    return {"candidates": scores}
+
+
 def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
     torch.manual_seed(settings["seed"])
     torch.set_num_threads(settings["threads"])
     method = METHODS[name]
+    method.plan(tasks)
+    split = settings.get("split", "test")  # the grid scores on "validation", after the last stage only
     vlm, towers, vocabulary, upcycling_error = _frozen_vlm(4 if method.moe else 0, towers_path(tasks, settings))
-    train_rows = {t.name: task_rows(t, "train", vocabulary) for t in tasks}
-    test_rows = {t.name: task_rows(t, "test", vocabulary) for t in tasks}
+    # a recall task (its training and test sets are the same taught facts) is repeated to `recall_repeats` copies
+    # per epoch in a track, so that its stage trains about as many steps as the other tasks' (the demo: 1)
+    repeats = {t.name: settings.get("recall_repeats", 1) if t.train == t.test else 1 for t in tasks}
+    train_rows = {t.name: task_rows(t, "train", vocabulary) * repeats[t.name] for t in tasks}
+    test_rows = {t.name: task_rows(t, split, vocabulary) for t in tasks}
 
     def model_batches(model, rows: list[dict], limit: int | None = None) -> list[dict]:
         with torch.no_grad():
@@ -116,46 +152,74 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
             return [model_inputs(model, towers, b, vocabulary, with_modality_ids=True) for b in selected]
 
     result: dict = {"label": method.label, "upcycling_max_logit_difference": upcycling_error}
-    if method.moe:
-        result["text_probe_before"] = text_probe(vlm, vocabulary)
+    # the grid needs only the perplexity (its bound), not the factual questions' generations
+    probe = text_probe if split == "test" else lambda m, v: {"perplexity": held_out_perplexity(m, v)}
+    if method.moe:  # the same for every candidate of the grid: measured once
+        result["text_probe_before"] = settings.get("text_probe_before") or probe(vlm, vocabulary)
     model = method.create(vlm, tasks[0], model_batches(vlm, train_rows[tasks[0].name], 4))
     result |= {"accuracy": [], "stages": []}
-    for stage, task in enumerate(tasks):
+    joint = settings.get("protocol", "sequential") == "joint"
+    # a sequential track trains a stage per task; the joint protocol trains one stage on the mixture of all tasks
+    stages = (
+        [(tasks, [r for t in tasks for r in train_rows[t.name]])]
+        if joint
+        else [([t], train_rows[t.name]) for t in tasks]
+    )
+    for stage, (stage_tasks, rows) in enumerate(stages):
+        task = stage_tasks[0]
         started = time.perf_counter()
         extension = method.start_stage(model, stage, task, model_batches(model, train_rows[task.name], 4))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        stage_report = train(
-            model,
-            towers,
-            train_rows[task.name],
-            vocabulary,
-            epochs=settings["epochs"],
-            batch_size=settings["batch_size"],
-            learning_rate=method.learning_rate,
-            seed=settings["seed"] + stage,
-            description=f"{name}: {task.name}",
-            progress=settings["progress"],
-        )
+        description = f"{name}: {'mixture of ' + ', '.join(t.name for t in stage_tasks) if joint else task.name}"
+        if method.trains(task):
+            stage_report = train(
+                model,
+                towers,
+                rows,
+                vocabulary,
+                epochs=settings["epochs"],
+                batch_size=settings["batch_size"],
+                learning_rate=settings.get("learning_rate", method.learning_rate),
+                seed=settings["seed"] + stage,
+                description=description,
+                progress=settings["progress"],
+            )
+        else:
+            stage_report = {"seconds": 0.0, "steps": 0, "final_loss": None, "skipped": "nothing trainable sees it"}
         fitted = method.end_stage(model, task, model_batches(model, train_rows[task.name]))
-        stage_report |= {"task": task.name, "trainable": trainable, "stage_seconds": time.perf_counter() - started}
+        stage_report |= {
+            "task": "mixture" if joint else task.name,
+            "trainable": trainable,
+            "stage_seconds": time.perf_counter() - started,
+        }
         stage_report |= (extension or {}) | (fitted or {})
         result["stages"].append(stage_report)
+        seen = tasks if joint else tasks[: stage + 1]
+        if split == "validation" and stage < len(stages) - 1:
+            continue
         result["accuracy"].append(
             [
                 accuracy(model, towers, test_rows[t.name], vocabulary, call_kwargs=method.eval_kwargs(model, t))
-                for t in tasks[: stage + 1]
+                for t in seen
             ]
         )
+        for t in seen if split == "test" else []:
+            for test_name, test in t.extra_tests.items():
+                rows_extra = [example(t, x, t.classes[y], vocabulary) for x, y in test]
+                extra = accuracy(model, towers, rows_extra, vocabulary, call_kwargs=method.eval_kwargs(model, t))
+                result.setdefault("extra_accuracy", {}).setdefault(t.name, {}).setdefault(test_name, []).append(extra)
         print(
-            f"  {name} after {task.name}: "
-            + ", ".join(f"{t.name} {a:.1%}" for t, a in zip(tasks, result["accuracy"][-1], strict=False)),
+            f"  {name} after {'the mixture' if joint else task.name}"
+            + (" (validation)" if split == "validation" else "")
+            + ": "
+            + ", ".join(f"{t.name} {a:.1%}" for t, a in zip(seen, result["accuracy"][-1], strict=False)),
             flush=True,
         )
     with method.text_context(model):
-        result["text_probe"] = text_probe(model, vocabulary)
-    if method.moe:
+        result["text_probe"] = probe(model, vocabulary)
+    if split == "test" and method.moe:
         result["routing"] = routing_statistics(model, towers, tasks, test_rows, vocabulary)
-    if name == "cmoe":
+    if split == "test" and name == "cmoe":
         located = {t.name: model.base_model.locate(model_batches(model, test_rows[t.name])) for t in tasks}
         result["locator_accuracy"] = {task: float(np.mean([p == task for p in ps])) for task, ps in located.items()}
         result["locator_rejected"] = {task: float(np.mean([p is None for p in ps])) for task, ps in located.items()}
@@ -166,14 +230,15 @@ def _run_method(name: str, tasks: list[Task], settings: dict) -> dict:
 
 def routing_statistics(model, towers: Towers, tasks: list[Task], test_rows: dict, vocabulary) -> dict:
     """Per extended layer and task: the share of each expert among the routing slots of the task's image/audio
-    tokens and of its text tokens (test sets). Returns {task: {"layers", "image_or_audio", "text"}}."""
+    tokens and of its text tokens (test sets), for the tasks with image/audio inputs (a text task's tokens keep the
+    base routing: MoExtend records none for them). Returns {task: {"layers", "modality", "text"}}."""
     layers = {
         int(n.split(".layers.")[1].split(".")[0]): m
         for n, m in model.named_modules()
         if type(m).__name__ == "MoExtendLayer"
     }
     statistics = {}
-    for task in tasks:
+    for task in [t for t in tasks if t.modality != "text"]:
         counts = {kind: {i: 0 for i in layers} for kind in ("modality", "text")}
 
         def collect(batch: dict, counts=counts) -> None:
