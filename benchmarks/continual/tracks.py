@@ -3,7 +3,8 @@ the hyper-parameter grid and its choice, the joint-training mixture, and the LoR
 trainable-parameter count.
 
 - **task**: image tasks in sequence, no task id at test (two of them visually similar grey 28x28 domains).
-- **modality**: text -> image -> audio, one task per modality.
+- **modality**: text (the language model's own modality, kept: the text probe) -> image -> audio, one task per new
+  modality.
 - **multitask**: one stage of joint training on the shuffled mixture of all the track's tasks.
 """
 
@@ -77,10 +78,10 @@ TRACKS: dict[str, Track] = {
         ),
         Track(
             "modality",
-            ("animal_teams", "digits", "spoken"),
+            ("digits", "spoken"),
             ("sequential_lora", "pathweave", "moextend"),
             "sequential",
-            "text -> image -> audio, one task per modality",
+            "text (the base model's, measured by the text probe) -> image -> audio, one task per new modality",
             sizes=MODALITY_SIZES,
         ),
         Track(
