@@ -5,7 +5,8 @@ tasks, methods and protocol (benchmarks/continual/tracks.py):
 
 - task: image tasks in sequence (digits, animals, fashion), no task id at test -- CMoE, MoExtend in task-extension
   mode, sequential LoRA and one LoRA per task with an oracle id;
-- modality: text -> image -> audio (team facts, digits, spoken digits) -- PathWeave, MoExtend, sequential LoRA;
+- modality: text (the base model's, kept: the text probe) -> image -> audio (digits, spoken digits) -- PathWeave,
+  MoExtend, sequential LoRA;
 - multitask: joint training on the mixture of digits, fashion and spoken digits -- SMoLA and ModeX against LoRA
   with the same trainable-parameter count and steps.
 
