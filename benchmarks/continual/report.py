@@ -183,7 +183,7 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
         ),
         "",
         "Model: SmolLM2-135M-Instruct inside transformers' `LlavaForConditionalGeneration` (2-layer SigLIP vision "
-        "tower + projector) plus a 3-layer convolutional audio encoder + projector; "
+        "tower + projector) plus convolutional audio and video encoders + projectors; "
         + (
             "no task has images or audio, so the towers are unused. "
             if alignment["path"] is None
