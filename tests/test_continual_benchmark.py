@@ -123,7 +123,7 @@ def test_video_examples_and_tower():
     assert {row["modality_ids"][i] for i in video_positions} == {2}  # MODALITIES.index("video")
     assert sum(row["modality_ids"]) == 2 * NUM_VIDEO_TOKENS
     batch = collate([row, row], 0)
-    assert batch["video_frames"].shape == (2, data.VIDEO_FRAMES, 28, 28) and float(batch["video_frames"].max()) == -1
+    assert batch["video_frames"].shape == (2, data.VIDEO_FRAMES, 28, 28) and float(batch["video_frames"].max()) == 0
     tower = VideoTower(hidden_size=16)
     tokens = tower(batch["video_frames"])
     assert tokens.shape == (2, NUM_VIDEO_TOKENS, 16)

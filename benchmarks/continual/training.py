@@ -76,7 +76,7 @@ BANDS = ("low", "mid", "high", "top")
 
 def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> list[dict]:
     """Label-free captions of the training inputs: a 4x4 ink map of each image (mean intensity per 7x7 cell,
-    0-9), where the ink is in each frame of a video (the 4x4 cell holding most of it, per frame) and a coarse
+    0-9), the ink of each later frame of a video per 14x14 quarter (0-9, one level per video token) and a coarse
     spectrogram of each clip (mean log-mel level, 0-9, of 4 frequency bands x 6 time segments). They teach the
     towers to write LM-readable tokens without revealing any class label."""
     rows = []
@@ -87,9 +87,11 @@ def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> 
                 caption = " ".join(str(v) for v in _levels(cells.ravel(), 0.0, max(cells.max(), 1e-6)))
                 question = "Describe the ink in a 4x4 grid."
             elif task.modality == "video":
-                cells = inputs.reshape(len(inputs), 4, 7, 4, 7).sum(axis=(2, 4)).reshape(len(inputs), 16).argmax(1)
-                caption = "; ".join(f"frame {t + 1} row {c // 4 + 1} column {c % 4 + 1}" for t, c in enumerate(cells))
-                question = "Where is the ink in each frame?"
+                # one level per video token: the ink of frame t+1 in each 14x14 quarter, for t = 1..3
+                quarters = inputs[1:].reshape(len(inputs) - 1, 2, 14, 2, 14).mean(axis=(2, 4))
+                levels = [_levels(q.ravel(), 0.0, max(quarters.max(), 1e-6)) for q in quarters]
+                caption = "; ".join(" ".join(map(str, frame)) for frame in levels)
+                question = "Describe the ink in each frame's quarters."
             else:
                 bands = inputs[:, :96].reshape(4, 10, 6, 16).mean(axis=(1, 3))  # (4 mel bands, 6 time segments)
                 rows_text = [" ".join(map(str, _levels(band, inputs.min(), inputs.max()))) for band in bands]
