@@ -66,8 +66,8 @@ class VideoTower(nn.Module):
     """A small convolutional video encoder + projector: `(b, 4, 28, 28)` frames in [0, 1] -> `(b, 12, hidden)` tokens,
     one per 2x2 region of each of the 3 pairs of consecutive frames. Each pair enters as the frame and its difference
     to the next (2 channels), so every token sees what moved where. The background is 0 and each region keeps its
-    strongest response (max pooling): with [-1, 1] frames and average pooling the tokens of different videos
-    differed by 0.04% of their norm, and the language model could not tell them apart."""
+    strongest response (max pooling): with [-1, 1] frames and average pooling, two videos' tokens differed by 0.01
+    per dimension on average (about 1 per dimension is typical), and the language model could not tell them apart."""
 
     def __init__(self, hidden_size: int, width: int = 128) -> None:
         super().__init__()
