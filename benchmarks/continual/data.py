@@ -72,10 +72,10 @@ def _subset(inputs: np.ndarray, labels: np.ndarray, size: int, seed: int):
     return [(inputs[i], int(labels[i])) for i in order]
 
 
-def _resize(images: np.ndarray) -> np.ndarray:
-    """`(n, h, w)` -> `(n, 28, 28)` float32, bilinear."""
+def _resize(images: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """`(n, h, w)` -> `(n, size, size)` float32, bilinear."""
     tensor = torch.from_numpy(images.astype(np.float32))[:, None]
-    return F.interpolate(tensor, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
 def sklearn_digits(train_size: int, test_size: int, seed: int) -> Task:
@@ -123,12 +123,7 @@ def moving_digits(train_size: int, test_size: int, seed: int) -> Task:
     between frames tells the answer. Training and test videos use disjoint digit images."""
     from sklearn.datasets import load_digits
 
-    glyphs = F.interpolate(
-        torch.from_numpy((load_digits().images / 16.0).astype(np.float32))[:, None],
-        size=(GLYPH_SIZE, GLYPH_SIZE),
-        mode="bilinear",
-        align_corners=False,
-    )[:, 0].numpy()
+    glyphs = _resize(load_digits().images / 16.0, GLYPH_SIZE)
     rng = np.random.default_rng([seed, 7])
     order = rng.permutation(len(glyphs))
     pools = {"train": order[: len(order) // 2], "test": order[len(order) // 2 :]}

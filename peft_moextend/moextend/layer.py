@@ -27,10 +27,12 @@ from .router import calibration_correction, extended_routing
 
 class MoExtendSettings(NamedTuple):
     """An adapter's per-layer settings (one record per adapter, `moextend_settings[adapter]`): its load-balancing
-    coefficient and, per stage, the modality ids `(m,)` its new experts serve (None: every token)."""
+    coefficient, per stage the modality ids `(m,)` its new experts serve (None: every token), and whether the last
+    stage serves every token an earlier stage serves (always with one stage)."""
 
     aux_loss_coef: float
     modalities: tuple[torch.Tensor | None, ...]
+    last_stage_serves_all: bool
 
     @classmethod
     def of(cls, config: MoExtendConfig) -> MoExtendSettings:
@@ -38,7 +40,9 @@ class MoExtendSettings(NamedTuple):
             None if allowed is None else torch.tensor([modality_index(m) for m in allowed])
             for allowed in config.stage_modalities()
         )
-        return cls(config.router_aux_loss_coef, ids)
+        *earlier, last = config.stage_modalities()
+        serves_all = last is None or all(allowed is not None and set(allowed) <= set(last) for allowed in earlier)
+        return cls(config.router_aux_loss_coef, ids, serves_all)
 
 
 class MoExtendLayer(nn.Module, BaseTunerLayer, StagedParameters, RoutedLayer):
@@ -315,13 +319,6 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, StagedParameters, RoutedLayer):
             return out, base_logits
         return out
 
-    def _last_stage_serves_all(self, adapter: str) -> bool:
-        """Whether the last stage of `adapter` serves every token an earlier stage serves (always with one stage)."""
-        *earlier, last = self.moextend_settings[adapter].modalities
-        if last is None:
-            return True
-        return all(allowed is not None and bool(torch.isin(allowed, last).all()) for allowed in earlier)
-
     def _calibration(
         self, adapter: str, stage_eligible: list[torch.Tensor | None]
     ) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -338,7 +335,7 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, StagedParameters, RoutedLayer):
         )
         if not pairs:
             return None
-        if self._last_stage_serves_all(adapter):  # every token takes the last stage's calibration
+        if self.moextend_settings[adapter].last_stage_serves_all:  # every token takes the last stage's calibration
             weight_in, weight_out = pairs[-1]
             return lambda probs: calibration_correction(probs.to(weight_in.dtype), weight_in, weight_out).float()
 
