@@ -47,19 +47,22 @@ def reference_delta(layer: SMoLALayer, x: torch.Tensor, modalities: torch.Tensor
             if group != "multimodal" and names.index(group) != int(modalities[t]):
                 continue
             logits = torch.stack([router[e] @ x[t] for e in experts]) / config.router_temperature
-            if config.router == "top_k":
-                keep = logits.topk(config.top_k).indices
-                logits = torch.full_like(logits, float("-inf")).scatter(0, keep, logits[keep])
-            gates = torch.softmax(logits, 0)
+            if config.router == "top_k" and config.top_k == 1:  # Switch: the chosen expert's probability
+                gates = torch.softmax(logits, 0) * (torch.arange(size) == logits.argmax())
+            else:
+                if config.router == "top_k":
+                    keep = logits.topk(config.top_k).indices
+                    logits = torch.full_like(logits, float("-inf")).scatter(0, keep, logits[keep])
+                gates = torch.softmax(logits, 0)
             for gate, e in zip(gates, experts):
                 out[t] += gate * (b[:, e] @ (a[e] @ x[t]))
     return out * config.lora_alpha / config.r
 
 
-@pytest.mark.parametrize("router", ["soft", "top_k"])
-def test_batched_mixture_equals_per_expert_loop(router):
+@pytest.mark.parametrize(("router", "top_k"), [("soft", 2), ("top_k", 2), ("top_k", 1)])
+def test_batched_mixture_equals_per_expert_loop(router, top_k):
     config = SMoLAConfig(
-        r=3, expert_groups={"text": 2, "image": 3, "multimodal": 2}, router=router, top_k=2, router_temperature=2.0
+        r=3, expert_groups={"text": 2, "image": 3, "multimodal": 2}, router=router, top_k=top_k, router_temperature=2.0
     )
     layer, context = make_layer(config)
     x = torch.randn(2, 5, 16)

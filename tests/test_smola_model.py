@@ -113,6 +113,28 @@ def test_top_k_router_adds_its_load_balancing_loss():
     assert "router_aux_loss" not in soft
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("aux_loss_coef", [0.0, 0.5])
+def test_top_k_routers_get_gradients_from_the_task_loss_and_from_the_balancing_loss(top_k, aux_loss_coef):
+    """Every router gets a gradient, with top-1 too: from the task loss alone (coefficient 0; a top-1 gate is the
+    chosen expert's probability, not a renormalised 1) and from the load-balancing loss alone (task loss left out:
+    the balancing loss takes the full softmax, not the 0/1 top-1 gates)."""
+    torch.manual_seed(0)
+    config = SMoLAConfig(
+        r=2, expert_groups={"multimodal": 3}, router="top_k", top_k=top_k, router_aux_loss_coef=aux_loss_coef
+    )
+    peft_model = get_peft_model(make_tiny_vlm("llava"), config)
+    for name, parameter in peft_model.named_parameters():
+        if "smola_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)  # zero up-projections would give the routers no task gradient
+    batch = make_vlm_inputs(peft_model.get_base_model(), "llava")
+    output = peft_model(**batch)
+    loss = output.loss if aux_loss_coef == 0.0 else output.router_aux_loss
+    loss.backward()
+    routers = [p for n, p in peft_model.named_parameters() if "smola_router" in n]
+    assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
+
+
 def test_padding_does_not_count_in_the_load_balancing_loss_and_each_adapter_uses_its_coefficient():
     """SMoLA and MoExtend share one aux-loss mechanism: padding tokens are left out, and with several active
     adapters each routing record is weighted by its own adapter's coefficient."""

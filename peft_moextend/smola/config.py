@@ -30,7 +30,8 @@ class SMoLAConfig(ExpertConfig):
             modalities (`"text"`, `"image"`, `"video"`, `"audio"`) or `"multimodal"`. Experts are laid out group
             by group in that order (text, image, video, audio, multimodal), whatever the dict order.
         router: `"soft"` (the paper: softmax over the group's experts, every token mixes all of them) or `"top_k"`
-            (each token mixes only its `top_k` best experts per group, softmax over those).
+            (each token mixes only its `top_k` best experts per group, softmax over those; with `top_k=1` the gate
+            is the chosen expert's probability, as in the Switch Transformer, so the router learns from the task).
         top_k: Experts per token and group for `router="top_k"`; must not exceed the smallest group.
         router_temperature: Router logits are divided by it before the softmax (at least 1e-3).
         lora_alpha: Scaling numerator: the mixture is scaled by `lora_alpha / r`, as in LoRA.

@@ -71,17 +71,20 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
                     continue
             inputs = self._cast_input_dtype(tokens, weight_a.dtype)
             logits = F.linear(inputs, router) / settings.temperature  # (t, e)
-            gates, dispatch = route(
+            gates, dispatch, probabilities = route(
                 logits, settings.expert_group.to(x.device), settings.num_groups, settings.top_k, settings.group_sizes
             )
             if settings.needed_modalities is not None:
                 modalities = self.modality_ids(tokens.shape[0], settings.needed_modalities, x.device)
                 eligible = settings.eligible(modalities)  # (t, e)
-                gates = gates * eligible
+                gates, probabilities = gates * eligible, probabilities * eligible
                 dispatch = None if dispatch is None else dispatch & eligible
-            if dispatch is not None:
+            if dispatch is not None:  # the load-balancing loss takes the full softmax (a gradient also with top-1)
                 self.routing_records[adapter] = RoutingRecord(
-                    gates, dispatch, self.call_inputs.token_attention_mask(tokens.shape[0]), settings.aux_loss_coef
+                    probabilities,
+                    dispatch,
+                    self.call_inputs.token_attention_mask(tokens.shape[0]),
+                    settings.aux_loss_coef,
                 )
             delta = gated_low_rank_mixture(
                 self.smola_dropout[adapter](inputs), weight_a, weight_b, gates, settings.scaling

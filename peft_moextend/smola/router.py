@@ -45,11 +45,17 @@ def route(
     num_groups: int,
     top_k: int | None,
     group_sizes: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gates `(t, e)` of a soft (top_k None) or per-group top-k router, and for top-k the `(t, e)` bool dispatch
-    mask (None for the soft router, where every token uses every expert). `group_sizes`: see `group_softmax`."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Gates `(t, e)`, the `(t, e)` bool dispatch mask and the `(t, e)` per-group softmax probabilities of a soft
+    (top_k None: gates = probabilities, dispatch None, every token uses every expert) or per-group top-k router.
+    Top-k gates are the probabilities renormalised over the chosen experts; with `top_k=1` the gate is the chosen
+    expert's probability itself (Switch Transformer), since a renormalised single gate is 1 and leaves the router
+    no gradient from the task loss. `group_sizes`: see `group_softmax`."""
+    probabilities = group_softmax(logits, expert_group, num_groups, group_sizes)
     if top_k is None:
-        return group_softmax(logits, expert_group, num_groups, group_sizes), None
+        return probabilities, None, probabilities
     selected = group_top_k_mask(logits, expert_group, top_k)
+    if top_k == 1:
+        return probabilities * selected, selected, probabilities
     gates = group_softmax(logits.masked_fill(~selected, float("-inf")), expert_group, num_groups, group_sizes)
-    return gates, selected
+    return gates, selected, probabilities
