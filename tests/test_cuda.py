@@ -45,15 +45,14 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available
 # the way is far above it).
 FP32_RELATIVE_TOLERANCE = 1e-4
 
-# Tensors kept on the CPU on purpose inside per-adapter settings: small constants moved to the input's device where
-# they are used (`SMoLALayer.forward`: `expert_group.to(x.device)`; `_GroupSettings.eligible`/`zero` move their
-# caches on first use; `MoExtendLayer._stage_eligibility`: `allowed.to(device)`), (class, attribute).
+# Tensors that may sit on the CPU inside per-adapter settings: SMoLA's small constants, built with the config and
+# moved once to the input's device on first use (`_GroupSettings.expert_group_on`, `eligible`, `zero`; the expert
+# modalities only build the eligibility table), (class, attribute).
 CPU_CONSTANTS = {
     ("_GroupSettings", "expert_group"),
     ("_GroupSettings", "expert_modality"),
     ("_GroupSettings", "_eligibility"),
     ("_GroupSettings", "_zero"),
-    ("MoExtendSettings", "modalities"),
 }
 
 

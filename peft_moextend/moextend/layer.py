@@ -27,22 +27,23 @@ from .router import calibration_correction, extended_routing
 
 class MoExtendSettings(NamedTuple):
     """An adapter's per-layer settings (one record per adapter, `moextend_settings[adapter]`): its load-balancing
-    coefficient, per stage the modality ids `(m,)` its new experts serve (None: every token), and whether the last
-    stage serves every token an earlier stage serves (always with one stage)."""
+    coefficient, per stage the modality ids its new experts serve (None: every token), the names of the modalities
+    some stage is restricted to, and whether the last stage serves every token an earlier stage serves (always with
+    one stage). Plain ints, no tensors: nothing to copy to the input's device on each call."""
 
     aux_loss_coef: float
-    modalities: tuple[torch.Tensor | None, ...]
+    modalities: tuple[tuple[int, ...] | None, ...]
+    restricted_modalities: tuple[str, ...]
     last_stage_serves_all: bool
 
     @classmethod
     def of(cls, config: MoExtendConfig) -> MoExtendSettings:
-        ids = tuple(
-            None if allowed is None else torch.tensor([modality_index(m) for m in allowed])
-            for allowed in config.stage_modalities()
-        )
-        *earlier, last = config.stage_modalities()
+        stages = config.stage_modalities()
+        ids = tuple(None if allowed is None else tuple(modality_index(m) for m in allowed) for allowed in stages)
+        restricted = sorted({m for allowed in stages if allowed is not None for m in allowed}, key=MODALITIES.index)
+        *earlier, last = stages
         serves_all = last is None or all(allowed is not None and set(allowed) <= set(last) for allowed in earlier)
-        return cls(config.router_aux_loss_coef, ids, serves_all)
+        return cls(config.router_aux_loss_coef, ids, tuple(restricted), serves_all)
 
 
 class MoExtendLayer(nn.Module, BaseTunerLayer, StagedParameters, RoutedLayer):
@@ -229,17 +230,13 @@ class MoExtendLayer(nn.Module, BaseTunerLayer, StagedParameters, RoutedLayer):
 
     def _stage_eligibility(self, adapter_name: str, num_tokens: int, device: torch.device) -> list[torch.Tensor | None]:
         """Per stage, `(t,)` bool: the tokens allowed to use its new experts; None means all tokens."""
-        stage_modalities = self.moextend_settings[adapter_name].modalities
-        restricted = [allowed for allowed in stage_modalities if allowed is not None]
-        if not restricted:
-            return [None] * len(stage_modalities)
-        needed = sorted({MODALITIES[i] for allowed in restricted for i in allowed.tolist()}, key=MODALITIES.index)
+        settings = self.moextend_settings[adapter_name]
+        if not settings.restricted_modalities:
+            return [None] * len(settings.modalities)
         modality_ids = self.call_inputs.layer_modality_ids(
-            num_tokens, None, needed, device, "MoExtend (`restrict_to_modalities`)"
+            num_tokens, None, list(settings.restricted_modalities), device, "MoExtend (`restrict_to_modalities`)"
         )
-        return [
-            None if allowed is None else torch.isin(modality_ids, allowed.to(device)) for allowed in stage_modalities
-        ]
+        return [None if allowed is None else _any_equal(modality_ids, allowed) for allowed in settings.modalities]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         """hidden_states: `(b, s, h)`; returns what the base block returns (Llama 4: `(out, router_logits)`)."""
@@ -412,3 +409,11 @@ def _mask_ineligible_stages(
         dim=1,
     )
     return new_logits.masked_fill(~allowed, float("-inf"))
+
+
+def _any_equal(values: torch.Tensor, targets: tuple[int, ...]) -> torch.Tensor:
+    """Bool of `values`' shape: the entries equal to one of the few `targets` (ints, no device copy)."""
+    result = values == targets[0]
+    for target in targets[1:]:
+        result = result | (values == target)
+    return result

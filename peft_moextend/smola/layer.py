@@ -72,7 +72,7 @@ class SMoLALayer(LinearExpertLayer, RoutedLayer):
             inputs = self._cast_input_dtype(tokens, weight_a.dtype)
             logits = F.linear(inputs, router) / settings.temperature  # (t, e)
             gates, dispatch, probabilities = route(
-                logits, settings.expert_group.to(x.device), settings.num_groups, settings.top_k, settings.group_sizes
+                logits, settings.expert_group_on(x.device), settings.num_groups, settings.top_k, settings.group_sizes
             )
             if settings.needed_modalities is not None:
                 modalities = self.modality_ids(tokens.shape[0], settings.needed_modalities, x.device)
@@ -200,6 +200,12 @@ class _GroupSettings:
         if self._zero.dtype != like.dtype or self._zero.device != like.device:
             self._zero = like.new_zeros(())
         return self._zero
+
+    def expert_group_on(self, device: torch.device) -> torch.Tensor:
+        """`(e,)` group index of each expert on `device` (moved once, not on every call)."""
+        if self.expert_group.device != device:
+            self.expert_group = self.expert_group.to(device)
+        return self.expert_group
 
     def eligible(self, modalities: torch.Tensor) -> torch.Tensor:
         """`(t, e)` bool: expert e acts on token t (one lookup in the `(modalities, e)` table)."""
