@@ -107,6 +107,7 @@ def _moextend_config(restrict_to_modalities: list[str]) -> MoExtendConfig:
         num_new_experts=1,
         target_layers=list(range(NUM_LAYERS // 2, NUM_LAYERS)),
         restrict_to_modalities=restrict_to_modalities,
+        expert_init=0,  # replaced before training by each layer's most used expert (`init_new_experts_from_data`)
     )
 
 
