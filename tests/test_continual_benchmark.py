@@ -705,7 +705,7 @@ def test_tracks_run_in_order_with_the_grid_choice_and_write_their_outputs_in_the
         ], []
 
     base = {"fact_accuracy": 0.5, "perplexity": 18.0, "replies": ["Paris.", "Blue."]}
-    grid_sizes, method_settings = [], []
+    grid_sizes, grid_tasks, method_settings = [], [], []
 
     def fake_in_subprocess(target, *args, quiet=False):
         if target is cli.align:
@@ -713,13 +713,18 @@ def test_tracks_run_in_order_with_the_grid_choice_and_write_their_outputs_in_the
         if target is cli.run_grid:
             name, tasks, settings, candidates = args
             grid_sizes.append(len(tasks[0].train))
-            # the best mean (lr 3e-3, 2 epochs) blows up one method's perplexity: the choice is lr 3e-3, 1 epoch
+            grid_tasks.append([t.name for t in tasks])
+            # the best mean (lr 3e-3) blows up one method's perplexity: the choice is lr 1e-3
             return {
                 "candidates": [
                     {
                         "validation_accuracy": {t.name: c["learning_rate"] * 100 + c["epochs"] / 10 for t in tasks},
                         "text_probe": base
-                        | {"perplexity": 100.0 if c["epochs"] == 2 and name in ("sequential_lora", "smola") else 18.0},
+                        | {
+                            "perplexity": 100.0
+                            if c["learning_rate"] == 3e-3 and name in ("sequential_lora", "smola")
+                            else 18.0
+                        },
                         "seconds": 1.0,
                     }
                     for c in candidates
@@ -733,18 +738,22 @@ def test_tracks_run_in_order_with_the_grid_choice_and_write_their_outputs_in_the
     monkeypatch.setattr(cli, "in_subprocess", fake_in_subprocess)
     cli.main(["--output-dir", str(tmp_path), "--train-size", "20", "--validation-size", "5", "--grid-train-size", "8"])
     assert grid_sizes == [8] * (4 + 3 + 4)  # every method of every track, on the reduced training data
-    expected = [(m, 3e-3, 1, t.protocol) for t in cli.TRACKS.values() for m in t.methods]
+    # a sequential track's grid runs its first task only, the joint track's every task
+    assert grid_tasks == [["digits"]] * 4 + [["digits"]] * 3 + [["digits", "fashion", "spoken"]] * 4
+    expected = [(m, 1e-3, 2, t.protocol) for t in cli.TRACKS.values() for m in t.methods]
     assert method_settings == expected
     for name in cli.TRACKS:
         files = {p.name for p in (tmp_path / name).iterdir()}
         assert {"results.json", "report.md", "track.png"} <= files
         assert ("forgetting.png" in files) == (name != "multitask")
         results = json.loads((tmp_path / name / "results.json").read_text())
-        assert results["grid"]["choice"]["rejected"] == [1, 3] and results["chosen"] == {
-            "learning_rate": 3e-3,
-            "epochs": 1,
+        assert results["grid"]["choice"]["rejected"] == [1] and results["chosen"] == {
+            "learning_rate": 1e-3,
+            "epochs": 2,
         }
-        assert "| 0.003 | 1 |" in (tmp_path / name / "report.md").read_text()
+        assert results["grid"]["tasks"] == grid_tasks[{"task": 0, "modality": 4, "multitask": 7}[name]]
+        report_text = (tmp_path / name / "report.md").read_text()
+        assert "| 0.001 | 2 |" in report_text and f"per task of {', '.join(results['grid']['tasks'])} (" in report_text
     summary = (tmp_path / "summary.md").read_text()
     assert [line for line in summary.splitlines() if line.startswith("## ")] == [
         "## task track ([report](task/report.md))",

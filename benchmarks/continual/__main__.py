@@ -68,7 +68,8 @@ QUICK_TASKS = ("animal_teams", "fruit_teams", "tool_teams")
 QUICK_METHODS = ("sequential_lora", "cmoe")
 # the tracks only: validation examples carved out of each task's training data, and the grid's reduced training size
 # (a recall task of taught facts is repeated `recall_repeats` times per epoch); each track may set its own sizes
-TRACK_SETTINGS = {"validation_size": 100, "grid_train_size": 160, "recall_repeats": 10}
+# and the number of leading tasks the grid runs (None: all of them)
+TRACK_SETTINGS = {"validation_size": 100, "grid_train_size": 160, "grid_tasks": None, "recall_repeats": 10}
 
 
 def machine() -> str:
@@ -273,13 +274,16 @@ def run(settings: dict, methods: list[str], output: Path, resume: bool) -> dict:
 
 def grid_search(tasks: list, settings: dict, methods: list[str], alignment: dict, run_settings: dict) -> dict:
     """Every method of the track trained with every grid candidate on `grid_train_size` training examples per task
-    and scored on the validation splits; the one choice by `tracks.choose_candidate`. Returns `{"candidates",
-    "choice", "train_size", "validation_size", "perplexity_bound"}` (each candidate with every method's scores)."""
-    reduced = [dataclasses.replace(t, train=t.train[: settings["grid_train_size"]]) for t in tasks]
+    of the track's first `grid_tasks` tasks (all when None) and scored on their validation splits; the one choice by
+    `tracks.choose_candidate`. Returns `{"candidates", "choice", "train_size", "tasks", "validation_size",
+    "perplexity_bound"}` (each candidate with every method's scores)."""
+    grid_tasks = tasks[: settings.get("grid_tasks") or len(tasks)]
+    reduced = [dataclasses.replace(t, train=t.train[: settings["grid_train_size"]]) for t in grid_tasks]
     candidates = [dict(c, methods={}) for c in settings["grid"]]
     print(
         f"\n== grid: learning rate x epochs {[(c['learning_rate'], c['epochs']) for c in candidates]}, every method, "
-        f"{settings['grid_train_size']} training examples per task, scored on the validation splits",
+        f"on {', '.join(t.name for t in reduced)}, {settings['grid_train_size']} training examples per task, scored "
+        "on the validation splits",
         flush=True,
     )
     for name in methods:
@@ -307,6 +311,7 @@ def grid_search(tasks: list, settings: dict, methods: list[str], alignment: dict
         "candidates": candidates,
         "choice": choice,
         "train_size": settings["grid_train_size"],
+        "tasks": [t.name for t in reduced],
         "validation_size": settings["validation_size"],
         "perplexity_bound": PERPLEXITY_BOUND,
     }

@@ -360,7 +360,8 @@ def grid_lines(results: dict) -> list[str]:
     lines = [
         "## Shared hyper-parameters (grid)",
         "",
-        f"Every method ran every candidate on {grid['train_size']} training examples per task (reduced for time; the "
+        f"Every method ran every candidate on {grid['train_size']} training examples per task of "
+        f"{', '.join(grid.get('tasks') or [t['name'] for t in results['tasks']])} (reduced for time; the "
         f"chosen setting then trains on the full training split) and was scored on the validation splits "
         f"({grid['validation_size']} examples per task carved out of the training data; a recall task of taught facts "
         "is validated on its facts). Rule: reject a candidate where some method failed or its held-out perplexity "
