@@ -10,11 +10,11 @@ tasks, methods and protocol (benchmarks/continual/tracks.py):
 - multitask: joint training on the mixture of digits, fashion and spoken digits -- SMoLA and ModeX against LoRA
   with the same trainable-parameter count and steps.
 
-Each track first picks ONE learning rate and number of epochs for all its methods from a small grid, on validation
-splits carved out of the training data, then runs every method and reports the accuracy matrix, average accuracy,
-backward transfer, what the language model still knows (factual questions, held-out perplexity), trainable
-parameters, time per stage and peak memory. Writes <output-dir>/<track>/{results.json, report.md, plots} and a
-summary (<output-dir>/summary.md, summary.json).
+Each track first picks ONE learning rate (at the track's 2 epochs) for all its methods from a small grid, on
+validation splits carved out of the training data, then runs every method and reports the accuracy matrix, average
+accuracy, backward transfer, what the language model still knows (factual questions, held-out perplexity), trainable
+parameters, time per stage and peak memory. Writes <output-dir>/<track>/{results.json, report.md, plots} and a summary
+(<output-dir>/summary.md, summary.json).
 
     python -m benchmarks.continual --quick          # minutes: three text fact tasks (the README demo; no tracks)
     python -m benchmarks.continual                  # the three tracks (each under 90 min on 2 CPU cores)
@@ -109,18 +109,24 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(
             f"--{key.replace('_', '-')}",
             type=type(value),
-            help=f"tracks: the track's (default {value}), quick: {PRESETS['quick'][key]}",
+            help=f"tracks: {_per_track(key, value)}; quick: {PRESETS['quick'][key]}",
         )
     parser.add_argument("--learning-rate", type=float, help="with --no-grid: every method's learning rate")
     parser.add_argument(
         "--no-grid", action="store_true", help="skip the grid; use --learning-rate and --epochs for every method"
     )
     for key, value in TRACK_SETTINGS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"tracks only; default {value}")
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"tracks only: {_per_track(key, value)}")
     args = parser.parse_args(argv)
     if args.no_grid and not args.quick and (args.learning_rate is None or args.epochs is None):
         parser.error("--no-grid needs --learning-rate and --epochs (the one setting every method of a track uses)")
     return args
+
+
+def _per_track(key: str, default: object) -> str:
+    """Each track's value of a size setting, for --help (None: all, e.g. every task in the grid)."""
+    values = {track.name: track.sizes.get(key, default) for track in TRACKS.values()}
+    return ", ".join(f"{name} {'all' if value is None else value}" for name, value in values.items())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ trained (new adapter / task / modality), `end_stage` after it, and `eval_kwargs`
 the text probe is evaluated. `plan` sees the whole task list before `create`; `trains(task)` says whether a stage
 trains anything (MoExtend's new experts never see a text task's tokens, so its text stage trains nothing).
 
-Every method of a track trains with the track's one learning rate and number of epochs (chosen on the grid); the
+Every method of a track trains with the track's one learning rate (chosen on the grid) and number of epochs; the
 class's `learning_rate` applies only where no track setting is given (the `--quick` demo).
 """
 

@@ -31,8 +31,8 @@ class Track:
     # one number of epochs: in the first full task-track run (2026-11-30) a 1-vs-2-epoch grid on 48 examples per
     # task left every validation score within noise of chance; its time now goes to the training data
     epochs: tuple[float, ...] = (2,)
-    # the track's own sizes over the full preset's (train_size, test_size, grid_train_size, ...): chosen so that the
-    # track, grid included, stays under 90 minutes on 2 CPU cores (docs/continual.md, "Time")
+    # the track's own sizes over the full preset's and TRACK_SETTINGS' values (train_size, test_size, grid_tasks,
+    # ...): chosen so that the track, grid included, stays under 90 minutes on 2 CPU cores (docs/continual.md, "Time")
     sizes: dict = field(default_factory=dict)
 
     def candidates(self) -> list[dict]:
