@@ -196,8 +196,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="smola",
         make_base=lambda: make_tiny_vlm("llava"),
-        # top-2 within groups of 3 (with top_k=1 a group's one chosen expert gets gate 1: no gradient reaches the
-        # router, from the loss or the load-balancing loss, on any device)
+        # the routed path (top-2 within groups of 3) with its load-balancing loss
         make_config=lambda: SMoLAConfig(
             r=2,
             expert_groups={"text": 3, "image": 3, "multimodal": 2},
