@@ -76,7 +76,7 @@ BANDS = ("low", "mid", "high", "top")
 
 def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> list[dict]:
     """Label-free captions of the training inputs: a 4x4 ink map of each image (mean intensity per 7x7 cell,
-    0-9), the ink of each later frame of a video per 14x14 quarter (0-9, one level per video token) and a coarse
+    0-9), the ink's centre in each frame of a video (column and row, 0-9: where it is, not where it goes) and a coarse
     spectrogram of each clip (mean log-mel level, 0-9, of 4 frequency bands x 6 time segments). They teach the
     towers to write LM-readable tokens without revealing any class label."""
     rows = []
@@ -87,11 +87,8 @@ def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> 
                 caption = " ".join(str(v) for v in _levels(cells.ravel(), 0.0, max(cells.max(), 1e-6)))
                 question = "Describe the ink in a 4x4 grid."
             elif task.modality == "video":
-                # one level per video token: the ink of frame t+1 in each 14x14 quarter, for t = 1..3
-                quarters = inputs[1:].reshape(len(inputs) - 1, 2, 14, 2, 14).mean(axis=(2, 4))
-                levels = [_levels(q.ravel(), 0.0, max(quarters.max(), 1e-6)) for q in quarters]
-                caption = "; ".join(" ".join(map(str, frame)) for frame in levels)
-                question = "Describe the ink in each frame's quarters."
+                caption = "; ".join(f"{column} {row}" for column, row in ink_centres(inputs))
+                question = "Where is the ink in each frame (column, row)?"
             else:
                 bands = inputs[:, :96].reshape(4, 10, 6, 16).mean(axis=(1, 3))  # (4 mel bands, 6 time segments)
                 rows_text = [" ".join(map(str, _levels(band, inputs.min(), inputs.max()))) for band in bands]
@@ -100,6 +97,19 @@ def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> 
             template = Task(task.name, task.modality, question, [], "", [], [])
             rows.append(example(template, inputs, caption, vocabulary))
     return rows
+
+
+def ink_centres(frames: np.ndarray) -> list[tuple[int, int]]:
+    """`(t, h, w)` frames -> per frame the ink's centre as (column, row), each 0-9. The centre is the circular mean
+    (the frames wrap around their edges, so a digit cut by an edge still has one centre)."""
+    size = frames.shape[-1]
+    unit_circle = np.exp(2j * np.pi * np.arange(size) / size)
+    centres = []
+    for frame in frames:
+        weights = frame / max(float(frame.sum()), 1e-6)
+        column, row = (float(np.angle(weights.sum(axis) @ unit_circle)) % (2 * np.pi) for axis in (0, 1))
+        centres.append(tuple(int(angle / (2 * np.pi) * 10) % 10 for angle in (column, row)))
+    return centres
 
 
 def _levels(values: np.ndarray, low: float, high: float) -> list[int]:
