@@ -1,6 +1,7 @@
 """The continual benchmark's own logic (benchmarks/continual): metrics, data loading and reporting of missing
 packages, example encoding, and the greedy exact-match rule. The full run on real weights is the `slow` test."""
 
+import dataclasses
 import gzip
 import importlib
 import json
@@ -25,7 +26,7 @@ from benchmarks.continual.model import (
     example,
 )
 from benchmarks.continual.report import markdown, plot_first_task, summary, text_change
-from benchmarks.continual.training import alignment_rows, exact_match, ink_centres
+from benchmarks.continual.training import alignment_rows, exact_match, frame_shifts
 
 ROOT = Path(__file__).parents[1]
 
@@ -114,19 +115,18 @@ def test_motion_videos_move_the_same_digit_one_step_per_frame_in_the_labelled_di
         assert not (placed == train_frames.reshape(1, -1, 28 * 28)).all(-1).any()
 
 
-def test_video_captions_give_each_frames_ink_centre_across_the_wrapping_edges():
+def test_video_captions_give_the_shift_between_frames_across_the_wrapping_edges():
     task = data.moving_digits(train_size=40, test_size=0, seed=1)
-    step = data.MOTION_STEP * 10 / 28  # levels per frame
     for video, label in task.train:
         row_step, column_step = data.DIRECTIONS[task.classes[label]]
-        centres = np.array(ink_centres(video))  # (frames, 2): column, row
-        moved = (centres[1:] - centres[:-1]) % 10  # a wrap from 9 to 0 is one step forward
-        expected = (np.array([column_step, row_step]) * step) % 10
-        # each frame's centre moves one step (2 or 3 levels: 2.5 rounded either way) along the motion, and stays
-        assert np.all(np.abs(moved - expected) <= 0.5 + 1e-9), (task.classes[label], centres.tolist())
-    frame = np.zeros((1, 28, 28), np.float32)
-    frame[0, 10:14, 27:28] = frame[0, 10:14, 0:2] = 1.0  # ink cut by the edge, centred on column 0
-    assert ink_centres(frame) == [(0, 4)]
+        expected = (column_step * data.MOTION_STEP, row_step * data.MOTION_STEP)
+        assert frame_shifts(video) == [expected] * (data.VIDEO_FRAMES - 1)
+    frame = np.zeros((28, 28), np.float32)
+    frame[10:14, 20:28] = frame[8:10, 22:24] = 1.0  # an asymmetric glyph cut by the right edge after the shift
+    video = np.stack([frame, np.roll(frame, (-3, 11), axis=(0, 1))])
+    assert frame_shifts(video) == [(11, -3)]
+    rows = alignment_rows([dataclasses.replace(task, train=[(video, 0)])], VOCABULARY, 1)
+    assert [t for t in rows[0]["labels"] if t != -100] == VOCABULARY.encode("+11 -3<|im_end|>")
 
 
 def test_video_examples_and_tower():
