@@ -559,7 +559,7 @@ def test_tracks_have_their_own_tasks_methods_and_protocol_and_overrides_apply_wi
         "methods": ["sequential_lora", "oracle_lora", "cmoe", "moextend_tasks"],
         "protocol": "sequential",
     }
-    assert modality["tasks"] == ["digits", "spoken"]
+    assert modality["tasks"] == ["digits", "spoken", "motion"]
     assert modality["methods"] == ["sequential_lora", "pathweave", "moextend"]
     assert multitask["protocol"] == "joint" and multitask["methods"] == [
         "smola",

@@ -1,12 +1,12 @@
 """Continual modality & task extension benchmark, offline on real weights and real data, in three tracks.
 
-SmolLM2-135M-Instruct inside a LLaVA model (plus an audio tower) is extended in three ways, each a track with its own
-tasks, methods and protocol (benchmarks/continual/tracks.py):
+SmolLM2-135M-Instruct inside a LLaVA model (plus audio and video towers) is extended in three ways, each a track with
+its own tasks, methods and protocol (benchmarks/continual/tracks.py):
 
 - task: image tasks in sequence (digits, animals, fashion), no task id at test -- CMoE, MoExtend in task-extension
   mode, sequential LoRA and one LoRA per task with an oracle id;
-- modality: text (the base model's, kept: the text probe) -> image -> audio (digits, spoken digits) -- PathWeave,
-  MoExtend, sequential LoRA;
+- modality: text (the base model's, kept: the text probe) -> image -> audio -> video (digits, spoken digits,
+  motion) -- PathWeave, MoExtend, sequential LoRA;
 - multitask: joint training on the mixture of digits, fashion and spoken digits -- SMoLA and ModeX against LoRA
   with the same trainable-parameter count and steps.
 
@@ -203,7 +203,7 @@ def run(settings: dict, methods: list[str], output: Path, resume: bool) -> dict:
     alignment_settings["tasks"] = [t.name for t in tasks]
 
     if needs_towers(tasks):
-        print("\n== alignment stage: towers + projectors through the frozen language model (label-free captions)")
+        print("\n== alignment stage: towers + projectors through the frozen language model (captions of the inputs)")
     else:
         print("\n== base model")
     alignment = in_subprocess(align, tasks, alignment_settings, quiet=True)

@@ -187,7 +187,7 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
         + (
             "no task has images or audio, so the towers are unused. "
             if alignment["path"] is None
-            else "the towers were trained in a label-free alignment stage "
+            else "the towers were trained in an alignment stage on captions computed from the inputs "
             f"({'cached' if alignment['cached'] else 'this run'}) and are frozen and shared. "
         )
         + "Every method adapts layers 15-29. Accuracy = greedy exact match of the answer.",

@@ -55,9 +55,9 @@ def towers_path(tasks: list[Task], settings: dict) -> Path | None:
 
 
 def align(tasks: list[Task], settings: dict) -> dict:
-    """Train the vision tower, projector and audio tower through the frozen language model on label-free captions
-    (cached by settings; skipped when every task is text), then measure the base model: task accuracies (before
-    any adapter) and the text probe."""
+    """Train the vision, audio and video towers and projectors through the frozen language model on captions
+    computed from the training inputs (`alignment_rows`; cached by settings; skipped when every task is text), then
+    measure the base model: task accuracies (before any adapter) and the text probe."""
     torch.manual_seed(settings["seed"])
     torch.set_num_threads(settings["threads"])
     path = towers_path(tasks, settings)

@@ -3,8 +3,8 @@ the hyper-parameter grid and its choice, the joint-training mixture, and the LoR
 trainable-parameter count.
 
 - **task**: image tasks in sequence, no task id at test (two of them visually similar grey 28x28 domains).
-- **modality**: text (the language model's own modality, kept: the text probe) -> image -> audio, one task per new
-  modality.
+- **modality**: text (the language model's own modality, kept: the text probe) -> image -> audio -> video, one task
+  per new modality.
 - **multitask**: one stage of joint training on the shuffled mixture of all the track's tasks.
 """
 
@@ -84,10 +84,10 @@ TRACKS: dict[str, Track] = {
         ),
         Track(
             "modality",
-            ("digits", "spoken"),
+            ("digits", "spoken", "motion"),
             ("sequential_lora", "pathweave", "moextend"),
             "sequential",
-            "text (the base model's, measured by the text probe) -> image -> audio, one task per new modality",
+            "text (the base model's, measured by the text probe) -> image -> audio -> video, one task per new modality",
             sizes=MODALITY_SIZES,
         ),
         Track(
