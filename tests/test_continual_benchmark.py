@@ -126,6 +126,7 @@ def test_video_captions_give_the_shift_between_frames_across_the_wrapping_edges(
     video = np.stack([frame, np.roll(frame, (-3, 11), axis=(0, 1))])
     assert frame_shifts(video) == [(11, -3)]
     rows = alignment_rows([dataclasses.replace(task, train=[(video, 0)])], VOCABULARY, 1)
+    assert len(rows) == 4 and all(row == rows[0] for row in rows)  # each video caption is seen 4x per epoch
     assert [t for t in rows[0]["labels"] if t != -100] == VOCABULARY.encode("+11 -3<|im_end|>")
 
 
