@@ -185,7 +185,7 @@ def markdown(results: dict, tasks: list[str], images: dict[str, str]) -> str:
         "Model: SmolLM2-135M-Instruct inside transformers' `LlavaForConditionalGeneration` (2-layer SigLIP vision "
         "tower + projector) plus convolutional audio and video encoders + projectors; "
         + (
-            "no task has images or audio, so the towers are unused. "
+            "no task has images, audio or video, so the towers are unused. "
             if alignment["path"] is None
             else "the towers were trained in an alignment stage on captions computed from the inputs "
             f"({'cached' if alignment['cached'] else 'this run'}) and are frozen and shared. "

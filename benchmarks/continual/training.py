@@ -101,9 +101,8 @@ def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> 
                 caption = "; ".join(f"{name} {levels}" for name, levels in zip(BANDS, rows_text, strict=True))
                 question = "Describe the sound in 4 bands over time."
             template = Task(task.name, task.modality, question, [], "", [], [])
-            rows += [
-                example(template, inputs, caption, vocabulary) for _ in range(ALIGNMENT_REPEATS.get(task.modality, 1))
-            ]
+            # one encoded row, repeated (batching only reads rows)
+            rows += [example(template, inputs, caption, vocabulary)] * ALIGNMENT_REPEATS.get(task.modality, 1)
     return rows
 
 
