@@ -76,6 +76,8 @@ class VideoTower(nn.Module):
             nn.GELU(),
             nn.Conv2d(width, width, kernel_size=3, stride=2, padding=1),  # 28 -> 14
             nn.GELU(),
+            nn.Conv2d(width, width, kernel_size=3, padding=1),  # receptive field 11 pixels: a stroke and its shift
+            nn.GELU(),
             nn.AdaptiveMaxPool2d(VIDEO_REGIONS),  # 14 -> 2: the strongest response per region (see `forward`)
         )
         self.projector = nn.Sequential(
