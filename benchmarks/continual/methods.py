@@ -149,7 +149,7 @@ class MoExtend(Method):
 class MoExtendTasks(Method):
     """MoExtend's task-extension mode: a stage of new experts per task (stage 0 for the first, then
     `add_stage(task)`; earlier stages' experts and router rows frozen), one router over the base and all stages'
-    experts decides -- no task id. New experts see image/audio tokens only, so text stays untouched."""
+    experts decides -- no task id. New experts see media (image, video, audio) tokens only, so text stays untouched."""
 
     name, label, moe = "moextend_tasks", "MoExtend (upcycled MoE, +1 expert/layer per task, router decides)", True
 
