@@ -317,11 +317,11 @@ def _chance(results: dict, task: str) -> float:
 
 
 def plot_track(results: dict, tasks: list[str], path: Path) -> None:
-    """The track's five-second plot. Sequential tracks: after every stage, the mean accuracy of the tasks learned
-    before it (after the first stage: the first task itself), one line per method -- a flat line keeps what it
-    learned. Joint training: accuracy per task (and the average) as grouped bars, one bar per method."""
+    """The track's five-second plot. Sequential tracks: after every stage, how far the tasks learned before it have
+    moved since their own stage (mean over them of accuracy now - accuracy right after their stage, in points; 0
+    after the first stage), one line per method -- a line at 0 forgets nothing. Joint training: accuracy per task
+    (and the average) as grouped bars, one bar per method, and chance."""
     methods = [m for m, r in results["methods"].items() if "accuracy" in r]
-    chance = float(np.mean([_chance(results, t) for t in tasks]))
     if results["settings"].get("protocol") == "joint":
         figure, axis = plt.subplots(figsize=(2.2 * (len(tasks) + 1) + 2, 3.8))
         width = 0.8 / max(1, len(methods))
@@ -332,17 +332,27 @@ def plot_track(results: dict, tasks: list[str], path: Path) -> None:
         axis.set_xticks(range(len(tasks) + 1), [*tasks, "average"])
         axis.set_ylabel("test accuracy after joint training")
         axis.set_title("Per-task accuracy: does each method beat LoRA of its size?")
+        axis.axhline(float(np.mean([_chance(results, t) for t in tasks])), color="grey", linestyle=":", label="chance")
+        axis.set_ylim(0, 1.05)
     else:
         figure, axis = plt.subplots(figsize=(7, 3.8))
-        for method in methods:
+        lowest = 0.0
+        for index, method in enumerate(methods):
             rows = results["methods"][method]["accuracy"]
-            earlier = [float(np.mean(row[: max(1, stage)])) for stage, row in enumerate(rows)]
-            axis.plot(range(len(earlier)), earlier, marker="o", label=results["methods"][method]["label"])
+            change = [0.0] + [
+                100 * float(np.mean([row[t] - rows[t][t] for t in range(stage)]))
+                for stage, row in enumerate(rows)
+                if stage > 0
+            ]
+            lowest = min(lowest, *change)
+            # lines that coincide (e.g. two methods at 0) stay visible: larger markers first, then dashed lines
+            style = {"marker": "osD^v"[index % 5], "markersize": max(4, 10 - 2 * index), "linestyle": "-:"[index % 2]}
+            axis.plot(range(len(change)), change, **style, label=results["methods"][method]["label"])
+        axis.axhline(0, color="black", linewidth=0.8)
         axis.set_xticks(range(len(tasks)), [f"after {t}" for t in tasks], fontsize=8)
-        axis.set_ylabel("mean accuracy of earlier tasks")
-        axis.set_title("Do earlier tasks survive the later stages? (flat = nothing forgotten)")
-    axis.axhline(chance, color="grey", linestyle=":", label="chance")
-    axis.set_ylim(0, 1.05)
+        axis.set_ylabel("earlier tasks: accuracy now -\naccuracy right after their stage (pt)")
+        axis.set_title("Do earlier tasks survive the later stages? (0 = nothing forgotten)")
+        axis.set_ylim(lowest - 5, 5)
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
