@@ -25,7 +25,7 @@ from benchmarks.continual.model import (
     collate,
     example,
 )
-from benchmarks.continual.report import markdown, plot_first_task, summary, text_change
+from benchmarks.continual.report import earlier_tasks_change, markdown, plot_first_task, summary, text_change
 from benchmarks.continual.training import alignment_rows, exact_match, frame_shifts
 
 ROOT = Path(__file__).parents[1]
@@ -822,3 +822,12 @@ def test_gates_of_the_task_track_and_the_multitask_verdict(tmp_path):
     assert verdict == [
         "**SMoLA does not beat LoRA with its parameter count and steps**: average accuracy 60.0% vs 65.0%."
     ]
+
+
+def test_track_plot_measures_forgetting_not_the_mean_of_a_growing_set():
+    """A method that keeps every task exactly stays at 0 even when a weaker task joins the earlier ones (the former
+    plot's mean accuracy fell from 68% to 60% there); a forgetting method shows its drops, ending at its BWT."""
+    kept = [[0.68], [0.68, 0.52], [0.68, 0.52, 1.0]]
+    assert earlier_tasks_change(kept) == [0.0, 0.0, 0.0]
+    forgot = [[0.27], [0.09, 0.22], [0.0, 0.0, 1.0]]
+    assert earlier_tasks_change(forgot) == pytest.approx([0.0, -18.0, -24.5])

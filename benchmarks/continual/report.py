@@ -316,6 +316,15 @@ def _chance(results: dict, task: str) -> float:
     return 1 / len(next(t["classes"] for t in results["tasks"] if t["name"] == task))
 
 
+def earlier_tasks_change(accuracy: list[list[float]]) -> list[float]:
+    """Accuracy matrix (row s: every task seen after stage s) -> per stage, the mean over the tasks learned before
+    it of (accuracy now - accuracy right after their own stage), in points; 0.0 after the first stage."""
+    return [
+        100 * float(np.mean([row[t] - accuracy[t][t] for t in range(stage)])) if stage else 0.0
+        for stage, row in enumerate(accuracy)
+    ]
+
+
 def plot_track(results: dict, tasks: list[str], path: Path) -> None:
     """The track's five-second plot. Sequential tracks: after every stage, how far the tasks learned before it have
     moved since their own stage (mean over them of accuracy now - accuracy right after their stage, in points; 0
@@ -339,11 +348,7 @@ def plot_track(results: dict, tasks: list[str], path: Path) -> None:
         lowest = 0.0
         for index, method in enumerate(methods):
             rows = results["methods"][method]["accuracy"]
-            change = [0.0] + [
-                100 * float(np.mean([row[t] - rows[t][t] for t in range(stage)]))
-                for stage, row in enumerate(rows)
-                if stage > 0
-            ]
+            change = earlier_tasks_change(rows)
             lowest = min(lowest, *change)
             # lines that coincide (e.g. two methods at 0) stay visible: larger markers first, then dashed lines
             style = {"marker": "osD^v"[index % 5], "markersize": max(4, 10 - 2 * index), "linestyle": "-:"[index % 2]}
