@@ -317,12 +317,10 @@ def _chance(results: dict, task: str) -> float:
 
 
 def earlier_tasks_change(accuracy: list[list[float]]) -> list[float]:
-    """Accuracy matrix (row s: every task seen after stage s) -> per stage, the mean over the tasks learned before
-    it of (accuracy now - accuracy right after their own stage), in points; 0.0 after the first stage."""
-    return [
-        100 * float(np.mean([row[t] - accuracy[t][t] for t in range(stage)])) if stage else 0.0
-        for stage, row in enumerate(accuracy)
-    ]
+    """Sequential accuracy matrix (row s: every task seen after stage s) -> per stage, the mean over the tasks learned
+    before it of (accuracy now - accuracy right after their own stage), in points: the BWT of the stages so far
+    (`summary`); 0.0 after the first stage."""
+    return [100 * summary(accuracy[: stage + 1])["backward_transfer"] for stage in range(len(accuracy))]
 
 
 def plot_track(results: dict, tasks: list[str], path: Path) -> None:
