@@ -73,8 +73,8 @@ def task_rows(task: Task, split: str, vocabulary: Vocabulary) -> list[dict]:
 
 BANDS = ("low", "mid", "high", "top")
 
-# Times each caption is seen per alignment epoch, by modality. Video: on `motion` alone, 28 alignment steps left the
-# shift captions' loss at 1.17 and sequential LoRA at 36.7%; 114 steps reached 0.059 and 46.7% (2026-11-30).
+# Times each caption is seen per alignment epoch, by modality. Video: on `motion` alone (with the former 2-layer video
+# encoder), 28 alignment steps left the shift captions' loss at 1.17; 114 steps reached 0.059 (2026-11-30).
 ALIGNMENT_REPEATS = {"video": 4}
 
 
@@ -83,8 +83,8 @@ def alignment_rows(tasks: list[Task], vocabulary: Vocabulary, per_task: int) -> 
     (mean intensity per 7x7 cell, 0-9), the shift of the ink between a video's consecutive frames (columns, rows, in
     pixels) and a coarse spectrogram of each clip (mean log-mel level, 0-9, of 4 frequency bands x 6 time segments).
     They teach the towers to write LM-readable tokens. The image and audio captions reveal no class; the video
-    caption states the motion in numbers, as video-text pretraining captions describe motion (per-frame ink positions
-    and per-quarter ink levels left `motion` at 38%, chance 25%), so `motion` asks the language model to name it."""
+    caption states the motion in numbers, as video-text pretraining captions describe motion, so `motion` asks the
+    language model to name it (docs/continual.md, "How `motion` became learnable")."""
     rows = []
     for task in [t for t in tasks if t.modality != "text"]:  # a text task has no tower to align
         for inputs, _ in task.train[:per_task]:
